@@ -1,0 +1,89 @@
+"""Seed-OSS-36B-Instruct chat template, system/user/assistant conversations.
+
+Byte-identical to the official `chat_template.jinja` for conversations without tools:
+
+    <seed:bos>system\n{system}<seed:eos>              only when there is a system turn (no default)
+    <seed:bos>system\n{budget instruction}\n<seed:eos>  when thinking_budget is given and not -1
+    <seed:bos>{user|system}\n{content}<seed:eos>       content verbatim
+    <seed:bos>assistant[\n<seed:think>{reasoning|trim}</seed:think>][\n{content|trim}<seed:eos>]
+    <seed:bos>assistant\n[<seed:think><seed:cot_budget_reflect>]   generation prompt (the
+                                                                   bracket when thinking_budget=0)
+
+Note the template's quirks, kept exactly: assistant content and reasoning are stripped of
+surrounding whitespace (Jinja `trim`, i.e. Python `str.strip()`), and an assistant turn whose
+content is blank gets no `<seed:eos>` at all.
+
+Labels: an assistant turn trains everything after `<seed:bos>assistant` up to and including its
+`<seed:eos>` except the newline that ends the header: the reasoning block if any, the content and
+the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from engine.chat.base import Segment, SystemPolicy, apply_policy, validate_messages
+
+NAME = "seed-oss"
+END_OF_TURN = "<seed:eos>"
+SPECIAL_TOKENS = ("<seed:bos>", "<seed:eos>")
+
+# Reflection interval (tokens) per thinking-budget gear: the first gear >= the budget applies,
+# budgets beyond the last gear use the last one. Values from the official template.
+_BUDGET_GEARS = ((0, 0), (512, 128), (1024, 256), (2048, 512), (4096, 512), (8192, 1024), (16384, 1024))
+
+NO_THINKING_SYSTEM = (
+    "You are an intelligent assistant that can answer questions in one step without the need for "
+    "reasoning and thinking, that is, your thinking budget is 0. Next, please skip the thinking "
+    "process and directly start answering the user's questions."
+)
+
+
+def _budget_instruction(budget: int) -> str:
+    if budget == 0:
+        return NO_THINKING_SYSTEM
+    interval = next((v for k, v in _BUDGET_GEARS if budget <= k), _BUDGET_GEARS[-1][1])
+    return (
+        "You are an intelligent assistant with reflective ability. In the process of thinking and "
+        f"reasoning, you need to strictly follow the thinking budget, which is {budget}. That is, you "
+        f"need to complete your thinking within {budget} tokens and start answering the user's "
+        f"questions. You will reflect on your thinking process every {interval} tokens, stating how "
+        "many tokens have been used and how many are left."
+    )
+
+
+def render(
+    messages: list[dict],
+    policy: SystemPolicy = SystemPolicy(),
+    *,
+    add_generation_prompt: bool = False,
+    thinking_budget: int | None = None,
+) -> list[Segment]:
+    """`thinking_budget`: None or -1 = unlimited (no instruction), 0 = answer without thinking."""
+    if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
+        raise ValueError(f"thinking_budget must be an integer, got {thinking_budget!r}")
+    validate_messages(messages, allow_reasoning=True)
+    system, rest = apply_policy(messages, policy, None)
+    segments: list[Segment] = []
+    if system is not None:
+        segments.append(Segment(f"<seed:bos>system\n{system}<seed:eos>", False, "system"))
+    if thinking_budget is not None and thinking_budget != -1:
+        segments.append(Segment(f"<seed:bos>system\n{_budget_instruction(thinking_budget)}\n<seed:eos>", False, "system"))
+    for message in rest:
+        role, content = message["role"], message["content"]
+        if role != "assistant":
+            segments.append(Segment(f"<seed:bos>{role}\n{content}<seed:eos>", False, role))
+            continue
+        reasoning = message.get("reasoning_content", "").strip()
+        content = content.strip()
+        body = ""
+        if reasoning:
+            body += f"<seed:think>{reasoning}</seed:think>"
+        if content:
+            body += ("\n" if reasoning else "") + f"{content}<seed:eos>"
+        if body:
+            segments += [Segment("<seed:bos>assistant\n", False, role), Segment(body, True, role)]
+        else:
+            segments.append(Segment("<seed:bos>assistant", False, role))
+    if add_generation_prompt:
+        suffix = "<seed:think><seed:cot_budget_reflect>" if thinking_budget == 0 else ""
+        segments.append(Segment(f"<seed:bos>assistant\n{suffix}", False, "prompt"))
+    return segments
