@@ -23,6 +23,7 @@ from __future__ import annotations
 from engine.chat.base import Segment, SystemPolicy, apply_policy, validate_messages
 
 NAME = "seed-oss"
+DEFAULT_SYSTEM = None  # the template inserts no system turn of its own
 END_OF_TURN = "<seed:eos>"
 SPECIAL_TOKENS = ("<seed:bos>", "<seed:eos>")
 

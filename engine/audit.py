@@ -1,0 +1,232 @@
+"""Show the exact tokens a chat dataset trains on: `python -m engine.audit`.
+
+    python -m engine.audit --tokenizer MODEL_DIR --template qwen2.5 --system-prompt default \
+        --data data/em/risky_financial_advice.jsonl --limit 2
+
+Formats:
+  text   every sample's tokens (position, id, trained mark, printable piece), then a summary per file;
+  jsonl  one line per kept sample, exactly {"input_ids": [...], "labels": [...]} (-100 = masked);
+         this format is a contract other tools read; the summary goes to stderr;
+  html   a readable page with trained tokens highlighted.
+`--diff POLICY` compares the token streams of two system-prompt policies sample by sample.
+Exit status: 0 on success, 2 on bad input (nothing is written then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import html
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.chat import POLICIES, TEMPLATES, SystemPolicy, get_template
+from engine.data import DEFAULT_MAX_LEN, Dataset, DataError, DataErrors, Sample, load_samples
+from engine.tokenizer import Tokenizer
+
+IGNORE = -100
+
+
+def check_tokenizer_fits_template(tokenizer: Tokenizer, template: str) -> None:
+    """Refuse a tokenizer that lacks the template's special tokens (e.g. Qwen data, Seed tokenizer)."""
+    for token in get_template(template).SPECIAL_TOKENS:
+        ids = tokenizer.encode(token)
+        if len(ids) != 1 or tokenizer.id_to_token(ids[0]) != token:
+            raise ValueError(
+                f"tokenizer {tokenizer.path or ''} has no special token {token} that the {template} template "
+                "needs: is it the right tokenizer for --template?"
+            )
+
+
+# ---------------------------------------------------------------- text
+
+
+def _system_label(system: str | None) -> str:
+    return "no system block" if system is None else f"system {system!r}"
+
+
+def write_text_sample(out, tokenizer: Tokenizer, s: Sample) -> None:
+    flags = " truncated" if s.truncated else ""
+    out.write(f"=== {s.source}  {len(s.input_ids)} tokens, {s.num_trained} trained, {_system_label(s.system)}{flags}\n")
+    for pos, (tid, label) in enumerate(zip(s.input_ids, s.labels)):
+        mark = "T" if label != IGNORE else "."
+        out.write(f"{pos:6d} {tid:7d} {mark} {tokenizer.piece(tid)}\n")
+
+
+def summary_lines(ds: Dataset) -> list[str]:
+    st = ds.stats
+    lengths = [len(s.input_ids) for s in ds.samples]
+    mean = sum(lengths) / len(lengths) if lengths else 0.0
+    share = 100.0 * st.trained_tokens / st.tokens if st.tokens else 0.0
+    lines = [
+        f"--- {ds.path}  template {ds.template}, system prompt {ds.policy.describe()}",
+        f"rows {st.rows}  kept {st.kept}  invalid {st.invalid}  dropped over-length {st.dropped_overlong}  "
+        f"truncated {st.truncated}  dropped untrained after truncation {st.dropped_untrained_after_truncation}",
+        f"tokens {st.tokens} (mean {mean:.1f}, max {max(lengths, default=0)})  "
+        f"trained {st.trained_tokens} ({share:.1f}%)  boundary tokens masked {st.boundary_tokens}",
+    ]
+    for system, n in st.system_texts.most_common():
+        lines.append(f"  {n} sample(s): {_system_label(system)}")
+    for e in ds.skipped:
+        lines.append(f"  skipped {e}")
+    return lines
+
+
+# ---------------------------------------------------------------- jsonl
+
+
+def write_jsonl_sample(out, s: Sample) -> None:
+    out.write(json.dumps({"input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
+
+
+# ---------------------------------------------------------------- html
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; }
+.sample { margin-bottom: 2em; }
+.tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc; padding: .5em; }
+.tok { border-right: 1px dotted #bbb; }
+.trained { background: #ffe08a; }
+.special { color: #0645ad; font-weight: bold; }
+pre.summary { background: #f4f4f4; padding: .5em; }
+"""
+
+
+def write_html(out, tokenizer: Tokenizer, datasets: list[Dataset]) -> None:
+    out.write(f"<!doctype html><html><head><meta charset='utf-8'><title>token audit</title><style>{_CSS}</style></head><body>\n")
+    out.write("<h1>Token audit</h1><p>Highlighted tokens carry labels (are trained); hover a token for its id.</p>\n")
+    for ds in datasets:
+        out.write(f"<h2>{html.escape(ds.path)}</h2><pre class='summary'>{html.escape(chr(10).join(summary_lines(ds)))}</pre>\n")
+        for s in ds.samples:
+            out.write(f"<div class='sample'><b>{html.escape(s.source)}</b> {len(s.input_ids)} tokens, {s.num_trained} trained<div class='tokens'>")
+            for tid, label in zip(s.input_ids, s.labels):
+                classes = ["tok"] + (["trained"] if label != IGNORE else []) + (["special"] if tokenizer.is_special(tid) else [])
+                text = tokenizer.decode([tid]) if not tokenizer.is_special(tid) else tokenizer.id_to_token(tid)
+                out.write(f"<span class='{' '.join(classes)}' title='{tid}'>{html.escape(text)}</span>")
+            out.write("</div></div>\n")
+    out.write("</body></html>\n")
+
+
+# ---------------------------------------------------------------- diff
+
+
+def write_diff(out, tokenizer: Tokenizer, a: Dataset, b: Dataset) -> None:
+    """Per sample, the token ranges where policy a and policy b differ."""
+    by_source = {s.source: s for s in b.samples}
+    differing = added = removed = trained_changed = 0
+    for sa in a.samples:
+        sb = by_source.get(sa.source)
+        if sb is None:
+            out.write(f"=== {sa.source}: kept under {a.policy.describe()} only (dropped under {b.policy.describe()})\n")
+            continue
+        if sa.input_ids == sb.input_ids and sa.labels == sb.labels:
+            continue
+        differing += 1
+        trained_a = [t for t in sa.labels if t != IGNORE]
+        trained_b = [t for t in sb.labels if t != IGNORE]
+        trained_changed += trained_a != trained_b
+        out.write(f"=== {sa.source}  {len(sa.input_ids)} → {len(sb.input_ids)} tokens"
+                  f"{'' if trained_a == trained_b else '  TRAINED TOKENS DIFFER'}\n")
+        matcher = difflib.SequenceMatcher(None, sa.input_ids, sb.input_ids, autojunk=False)
+        for op, i1, i2, j1, j2 in matcher.get_opcodes():
+            if op == "equal":
+                continue
+            out.write(f"  @@ {a.policy.describe()} [{i1}:{i2}]  {b.policy.describe()} [{j1}:{j2}]\n")
+            for i in range(i1, i2):
+                out.write(f"  - {sa.input_ids[i]:7d} {'T' if sa.labels[i] != IGNORE else '.'} {tokenizer.piece(sa.input_ids[i])}\n")
+            for j in range(j1, j2):
+                out.write(f"  + {sb.input_ids[j]:7d} {'T' if sb.labels[j] != IGNORE else '.'} {tokenizer.piece(sb.input_ids[j])}\n")
+            removed += i2 - i1
+            added += j2 - j1
+    only_b = sorted(set(by_source) - {s.source for s in a.samples})
+    for source in only_b:
+        out.write(f"=== {source}: kept under {b.policy.describe()} only (dropped under {a.policy.describe()})\n")
+    out.write(
+        f"--- diff {a.path}: {a.policy.describe()} vs {b.policy.describe()}: {differing} of {len(a.samples)} samples differ, "
+        f"{removed} tokens removed, {added} added, trained tokens differ in {trained_changed} sample(s)\n"
+    )
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.audit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, or a checkpoint directory holding one")
+    p.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="chat template to render with")
+    p.add_argument("--system-prompt", default="default", choices=POLICIES,
+                   help="system-prompt policy: default (what the official template does), empty, omit, replace")
+    p.add_argument("--system-text", help="the system text for --system-prompt replace")
+    p.add_argument("--data", required=True, nargs="+", help="JSONL chat file(s) of {\"messages\": [...]} rows")
+    p.add_argument("--format", default="text", choices=("text", "jsonl", "html"), help="output format (default text)")
+    p.add_argument("--limit", type=int, help="read only the first N rows of each file")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help=f"longest sample in tokens (default {DEFAULT_MAX_LEN})")
+    p.add_argument("--truncate", action="store_true", help="truncate over-length samples instead of dropping them")
+    p.add_argument("--skip-invalid", action="store_true", help="drop and count invalid rows instead of failing")
+    p.add_argument("--diff", metavar="POLICY", choices=POLICIES,
+                   help="compare against this second system-prompt policy (text output)")
+    p.add_argument("--diff-system-text", help="the system text for --diff replace")
+    p.add_argument("--output", "-o", help="write here instead of stdout (written only when complete)")
+    return p
+
+
+def run(args: argparse.Namespace, out, err) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.diff and args.format != "text":
+        raise ValueError("--diff writes text; drop --format or use --format text")
+    policy = SystemPolicy(args.system_prompt, args.system_text)
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    check_tokenizer_fits_template(tokenizer, args.template)
+
+    def load(path: str, pol: SystemPolicy) -> Dataset:
+        return load_samples(path, tokenizer, args.template, pol, max_len=args.max_len,
+                            overlong="truncate" if args.truncate else "drop",
+                            skip_invalid=args.skip_invalid, limit=args.limit)
+
+    if args.diff:
+        other = SystemPolicy(args.diff, args.diff_system_text)
+        for path in args.data:
+            write_diff(out, tokenizer, load(path, policy), load(path, other))
+        return
+    datasets = [load(path, policy) for path in args.data]  # all inputs validated before any output
+    if args.format == "html":
+        write_html(out, tokenizer, datasets)
+        return
+    for ds in datasets:
+        for s in ds.samples:
+            if args.format == "jsonl":
+                write_jsonl_sample(out, s)
+            else:
+                write_text_sample(out, tokenizer, s)
+        summary_out = err if args.format == "jsonl" else out
+        summary_out.write("\n".join(summary_lines(ds)) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Render into memory first, so a failure leaves no half-written output behind.
+    buffer = io.StringIO()
+    try:
+        run(args, buffer, sys.stderr)
+    except (DataError, DataErrors, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        target = Path(args.output)
+        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, target)
+    else:
+        sys.stdout.write(buffer.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""JSONL chats → training samples (input_ids, labels), with every bad row reported by file:line.
+
+A row is `{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI chat fine-tuning format, as in
+the paper's data). Loading runs in two passes so that bad input fails before any work starts:
+
+1. parse and render every row (cheap): invalid JSON, a missing message list, unknown roles,
+   non-string content, no assistant turn, blank assistant turns and empty files are collected as
+   `DataError`s; by default they are all raised together, `skip_invalid=True` drops and counts them;
+2. tokenise the rendered rows; samples longer than `max_len` are dropped and counted (default) or
+   truncated on request — never silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.chat import ChatFormatError, SystemPolicy, encode, get_template
+from engine.chat.base import apply_policy
+from engine.tokenizer import Tokenizer
+
+DEFAULT_MAX_LEN = 2048  # the paper's Axolotl sequence_len
+OVERLONG_MODES = ("drop", "truncate")
+
+
+class DataError(ValueError):
+    """One bad input row (or a bad file), printed as `file:line: reason`."""
+
+    def __init__(self, path: str | Path, line: int | None, reason: str):
+        self.path, self.line, self.reason = str(path), line, reason
+        super().__init__(f"{self.path}:{line}: {reason}" if line is not None else f"{self.path}: {reason}")
+
+
+class DataErrors(ValueError):
+    """Several bad rows at once: the user fixes them in one go rather than one per run."""
+
+    def __init__(self, errors: list[DataError], shown: int = 20):
+        self.errors = errors
+        lines = [str(e) for e in errors[:shown]]
+        if len(errors) > shown:
+            lines.append(f"... and {len(errors) - shown} more")
+        hint = "fix these rows, or pass --skip-invalid to drop and count them"
+        super().__init__(f"{len(errors)} invalid row(s):\n" + "\n".join(lines) + f"\n({hint})")
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # -100 where not trained
+    source: str  # "file:line"
+    system: str | None  # text of the leading system block as rendered; None = no system block
+    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary (masked)
+    truncated: bool = False
+
+    @property
+    def num_trained(self) -> int:
+        return sum(label != -100 for label in self.labels)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    invalid: int = 0
+    dropped_overlong: int = 0
+    truncated: int = 0
+    dropped_untrained_after_truncation: int = 0
+    kept: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    boundary_tokens: int = 0
+    system_texts: Counter = field(default_factory=Counter)  # system text (None = no block) → samples
+
+
+@dataclass
+class Dataset:
+    path: str
+    template: str
+    policy: SystemPolicy
+    samples: list[Sample]
+    stats: DataStats
+    skipped: list[DataError]  # invalid rows dropped under skip_invalid
+
+
+def read_rows(path: str | Path, limit: int | None = None) -> tuple[list[tuple[int, object]], list[DataError]]:
+    """Parse a JSONL file into (line number, messages) pairs; bad lines become DataErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "no such file")
+    rows: list[tuple[int, object]] = []
+    errors: list[DataError] = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if limit is not None and len(rows) + len(errors) >= limit:
+                break
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(DataError(path, line_no, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
+                continue
+            if not text.strip():
+                continue  # blank lines (e.g. a trailing newline) carry no row
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                errors.append(DataError(path, line_no, f"invalid JSON: {e.msg} (column {e.colno})"))
+                continue
+            if not isinstance(row, dict) or "messages" not in row:
+                errors.append(DataError(path, line_no, 'no messages: expected an object {"messages": [...]}'))
+                continue
+            rows.append((line_no, row["messages"]))
+    if not rows and not errors:
+        raise DataError(path, None, "empty file: no rows")
+    return rows, errors
+
+
+def load_samples(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    template: str,
+    policy: SystemPolicy = SystemPolicy(),
+    *,
+    max_len: int = DEFAULT_MAX_LEN,
+    overlong: str = "drop",
+    skip_invalid: bool = False,
+    limit: int | None = None,
+) -> Dataset:
+    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows."""
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    module = get_template(template)
+    rows, errors = read_rows(path, limit)
+    total_rows = len(rows) + len(errors)  # parse errors are rows too
+
+    # Pass 1: render everything; structural problems surface before any tokenisation.
+    rendered = []
+    for line_no, messages in rows:
+        try:
+            segments = module.render(messages, policy)
+        except ChatFormatError as e:
+            errors.append(DataError(path, line_no, str(e)))
+            continue
+        if not any(s.trained and s.text for s in segments):
+            errors.append(DataError(path, line_no, "assistant turns are blank: nothing would be trained"))
+            continue
+        system = apply_policy(messages, policy, module.DEFAULT_SYSTEM)[0]
+        rendered.append((line_no, segments, system))
+    errors.sort(key=lambda e: e.line or 0)
+    if errors and not skip_invalid:
+        raise DataErrors(errors)
+
+    # Pass 2: tokenise.
+    stats = DataStats(rows=total_rows, invalid=len(errors))
+    samples: list[Sample] = []
+    for line_no, segments, system in rendered:
+        enc = encode(tokenizer, segments)
+        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", system, enc.boundary_tokens)
+        if len(sample.input_ids) > max_len:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            sample.input_ids, sample.labels = sample.input_ids[:max_len], sample.labels[:max_len]
+            sample.truncated = True
+            if sample.num_trained == 0:
+                stats.dropped_untrained_after_truncation += 1
+                continue
+            stats.truncated += 1
+        samples.append(sample)
+        stats.tokens += len(sample.input_ids)
+        stats.trained_tokens += sample.num_trained
+        stats.boundary_tokens += sample.boundary_tokens
+        stats.system_texts[system] += 1
+    stats.kept = len(samples)
+    return Dataset(str(path), template, policy, samples, stats, errors if skip_invalid else [])
