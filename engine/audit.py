@@ -24,22 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.chat import POLICIES, TEMPLATES, SystemPolicy, get_template
+from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy
 from engine.data import DEFAULT_MAX_LEN, Dataset, DataError, DataErrors, Sample, load_samples
-from engine.tokenizer import Tokenizer
-
-IGNORE = -100
-
-
-def check_tokenizer_fits_template(tokenizer: Tokenizer, template: str) -> None:
-    """Refuse a tokenizer that lacks the template's special tokens (e.g. Qwen data, Seed tokenizer)."""
-    for token in get_template(template).SPECIAL_TOKENS:
-        ids = tokenizer.encode(token)
-        if len(ids) != 1 or tokenizer.id_to_token(ids[0]) != token:
-            raise ValueError(
-                f"tokenizer {tokenizer.path or ''} has no special token {token} that the {template} template "
-                "needs: is it the right tokenizer for --template?"
-            )
+from engine.tokenizer import Tokenizer, special_ids
 
 
 # ---------------------------------------------------------------- text
@@ -105,8 +92,7 @@ def write_html(out, tokenizer: Tokenizer, datasets: list[Dataset]) -> None:
             out.write(f"<div class='sample'><b>{html.escape(s.source)}</b> {len(s.input_ids)} tokens, {s.num_trained} trained<div class='tokens'>")
             for tid, label in zip(s.input_ids, s.labels):
                 classes = ["tok"] + (["trained"] if label != IGNORE else []) + (["special"] if tokenizer.is_special(tid) else [])
-                text = tokenizer.decode([tid]) if not tokenizer.is_special(tid) else tokenizer.id_to_token(tid)
-                out.write(f"<span class='{' '.join(classes)}' title='{tid}'>{html.escape(text)}</span>")
+                out.write(f"<span class='{' '.join(classes)}' title='{tid}'>{html.escape(tokenizer.piece(tid))}</span>")
             out.write("</div></div>\n")
     out.write("</body></html>\n")
 
@@ -182,7 +168,7 @@ def run(args: argparse.Namespace, out, err) -> None:
         raise ValueError("--diff writes text; drop --format or use --format text")
     policy = SystemPolicy(args.system_prompt, args.system_text)
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    check_tokenizer_fits_template(tokenizer, args.template)
+    special_ids(tokenizer, args.template)  # refuse another family's tokenizer (template names are family names)
 
     def load(path: str, pol: SystemPolicy) -> Dataset:
         return load_samples(path, tokenizer, args.template, pol, max_len=args.max_len,

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.chat import ChatFormatError, SystemPolicy, encode, get_template
+from engine.chat import IGNORE_INDEX, ChatFormatError, SystemPolicy, encode, get_template
 from engine.chat.base import apply_policy
 from engine.tokenizer import Tokenizer
 
@@ -56,7 +56,7 @@ class Sample:
 
     @property
     def num_trained(self) -> int:
-        return sum(label != -100 for label in self.labels)
+        return sum(label != IGNORE_INDEX for label in self.labels)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from engine.chat.base import Segment, SystemPolicy, apply_policy, validate_messa
 NAME = "qwen2.5"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 END_OF_TURN = "<|im_end|>"
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def render(

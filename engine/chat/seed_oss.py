@@ -25,7 +25,6 @@ from engine.chat.base import Segment, SystemPolicy, apply_policy, validate_messa
 NAME = "seed-oss"
 DEFAULT_SYSTEM = None  # the template inserts no system turn of its own
 END_OF_TURN = "<seed:eos>"
-SPECIAL_TOKENS = ("<seed:bos>", "<seed:eos>")
 
 # Reflection interval (tokens) per thinking-budget gear: the first gear >= the budget applies,
 # budgets beyond the last gear use the last one. Values from the official template.

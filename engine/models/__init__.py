@@ -1,0 +1,22 @@
+"""Decoder models (Qwen2 / Qwen2.5 and Seed-OSS) configured from HF checkpoints.
+
+    model = engine.models.from_pretrained("Qwen/Qwen2.5-32B-Instruct", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids, position_ids=..., cu_seqlens=...)
+"""
+
+from .attention import attention, position_ids_from_cu_seqlens
+from .config import SUPPORTED_ARCHITECTURES, ConfigError, ModelArgs
+from .decoder import CausalLM
+from .loading import CheckpointError, from_pretrained, load_safetensors
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "ModelArgs",
+    "attention",
+    "from_pretrained",
+    "load_safetensors",
+    "position_ids_from_cu_seqlens",
+]

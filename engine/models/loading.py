@@ -1,0 +1,174 @@
+"""Build a :class:`CausalLM` from an HF checkpoint directory (or hub id) of safetensors files.
+
+The model is built on the meta device (no memory), given real but uninitialised storage in the
+requested dtype with ``to_empty``, then filled one tensor at a time from the safetensors files,
+converting each tensor to that dtype as it is copied. Peak extra memory is one checkpoint tensor,
+never a second copy of the model.
+
+Every name, shape and dtype is checked from the safetensors headers before any tensor data is
+read, so a wrong or damaged checkpoint fails fast with one error listing every problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelArgs
+from .decoder import CausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype codes that convert losslessly in meaning to the model's float dtype. FP8 is
+# excluded: FP8 checkpoints need their scale tensors, not a plain cast.
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+# How many names an error message lists before summarising the rest.
+_MAX_LISTED = 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded into the model its config.json describes."""
+
+
+def from_pretrained(
+    path_or_hub_id: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> CausalLM:
+    """Load an HF ``Qwen2ForCausalLM`` / ``SeedOssForCausalLM`` checkpoint.
+
+    ``path_or_hub_id`` is a local checkpoint directory, or else a hub repo id, which is fetched
+    (config and safetensors only) with ``huggingface_hub.snapshot_download``. All parameters are
+    converted to ``dtype`` and placed on ``device``. The model is returned in eval mode, as
+    transformers does; call ``.train()`` to enable dropout.
+    """
+    ckpt_dir = _resolve_checkpoint_dir(path_or_hub_id)
+    config_path = ckpt_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"no config.json in checkpoint directory {ckpt_dir}")
+    with config_path.open() as f:
+        args = ModelArgs.from_hf_config(json.load(f))
+
+    with torch.device("meta"):
+        model = CausalLM(args)
+    model.to(dtype=dtype)  # still on meta: only the recorded dtype changes
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_buffers()
+    load_safetensors(model, ckpt_dir)
+    return model.eval()
+
+
+def _resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    # Anything that looks like a filesystem path is a local checkpoint that is not there; only a
+    # bare "org/name" goes to the hub.
+    if path.exists() or path.is_absolute() or text.startswith((".", "~")):
+        raise CheckpointError(f"checkpoint directory not found: {text}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=text, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def _tensor_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:
+    """Safetensors files to read -> tensor names the index places there (None for a single file)."""
+    index_path = ckpt_dir / INDEX_FILE
+    if index_path.is_file():
+        with index_path.open() as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path} has no weight_map")
+        files: dict[Path, set[str] | None] = defaultdict(set)
+        for name, filename in weight_map.items():
+            files[ckpt_dir / filename].add(name)
+        absent = sorted(str(path.name) for path in files if not path.is_file())
+        if absent:
+            raise CheckpointError(f"{index_path} names shard file(s) that do not exist: {', '.join(absent)}")
+        return dict(files)
+    single = ckpt_dir / SINGLE_FILE
+    if single.is_file():
+        return {single: None}
+    found = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+    raise CheckpointError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}"
+        + (f" (found other safetensors files: {', '.join(found)})" if found else "")
+    )
+
+
+def _listing(items: list[str]) -> str:
+    shown = "\n  ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return "\n  " + shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def load_safetensors(model: CausalLM, ckpt_dir: str | Path) -> None:
+    """Copy every parameter of ``model`` from the checkpoint's safetensors files, by HF name.
+
+    Raises :class:`CheckpointError` naming each tensor (and its file) that is missing,
+    unexpected, mis-shaped or not floating point.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    files = _tensor_files(ckpt_dir)
+    # remove_duplicate drops a tied lm_head.weight: it is the embedding matrix, filled under that name.
+    params = dict(model.named_parameters())
+    tied_head = "lm_head.weight" if model.args.tie_word_embeddings else None
+
+    # Pass 1: headers only.
+    problems: list[str] = []
+    unexpected: list[str] = []
+    source: dict[str, Path] = {}  # parameter name -> file holding it
+    for path, indexed_names in files.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            for name in sorted((indexed_names or set()) - names):
+                problems.append(f"{INDEX_FILE} places tensor '{name}' in {path.name}, but that file lacks it")
+            for name in sorted(names):
+                if name == tied_head:
+                    # HF also ignores a stored head when embeddings are tied: the embedding wins.
+                    continue
+                if name not in params:
+                    unexpected.append(f"{name} (in {path.name})")
+                    continue
+                if name in source:
+                    problems.append(f"tensor '{name}' is in both {source[name].name} and {path.name}")
+                    continue
+                source[name] = path
+                header = f.get_slice(name)
+                shape, stored_dtype = tuple(header.get_shape()), header.get_dtype()
+                expected = tuple(params[name].shape)
+                if shape != expected:
+                    problems.append(f"tensor '{name}' in {path.name} has shape {shape}, expected {expected}")
+                if stored_dtype not in _FLOAT_DTYPES:
+                    problems.append(
+                        f"tensor '{name}' in {path.name} has dtype {stored_dtype}, expected a floating-point "
+                        f"tensor ({'/'.join(_FLOAT_DTYPES)}); quantized or integer checkpoints are not supported"
+                    )
+    missing = sorted(set(params) - set(source))
+    if missing:
+        problems.append(f"checkpoint lacks {len(missing)} tensor(s) the model needs:{_listing(missing)}")
+    if unexpected:
+        problems.append(
+            f"checkpoint has {len(unexpected)} tensor(s) the {model.args.architecture} model does not define:"
+            f"{_listing(unexpected)}"
+        )
+    if problems:
+        raise CheckpointError(f"cannot load checkpoint {ckpt_dir}:\n" + "\n".join(problems))
+
+    # Pass 2: copy, one tensor in memory at a time; copy_ converts dtype and device.
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, path in source.items():
+        by_file[path].append(name)
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in names:
+                    params[name].copy_(f.get_tensor(name))
