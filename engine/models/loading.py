@@ -73,7 +73,7 @@ def _resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
     # Anything that looks like a filesystem path is a local checkpoint that is not there; only a
     # bare "org/name" goes to the hub.
     if path.exists() or path.is_absolute() or text.startswith((".", "~")):
-        raise CheckpointError(f"checkpoint directory not found: {text}")
+        raise CheckpointError(f"checkpoint directory not found (or not a directory): {text}")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=text, allow_patterns=["*.json", "*.safetensors"]))
