@@ -8,6 +8,7 @@ from .attention import attention, position_ids_from_cu_seqlens
 from .config import SUPPORTED_ARCHITECTURES, ConfigError, ModelArgs
 from .decoder import CausalLM
 from .loading import CheckpointError, from_pretrained, load_safetensors
+from .saving import SaveError, save_pretrained, write_hf_checkpoint
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -15,8 +16,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelArgs",
+    "SaveError",
     "attention",
     "from_pretrained",
     "load_safetensors",
     "position_ids_from_cu_seqlens",
+    "save_pretrained",
+    "write_hf_checkpoint",
 ]

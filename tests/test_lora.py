@@ -1,0 +1,639 @@
+"""LoRA (engine.lora) against real peft + transformers, and HF-format saving (engine.models.saving).
+
+Tiny random Qwen2 / Seed-OSS checkpoints are written with transformers' ``save_pretrained``; our
+adapters must give PEFT's logits (fp32, eval, <= 1e-5) in both directions, init must follow
+PEFT's scheme deterministically, stacking and merging must equal the explicit maths, and a
+merged model saved with ``engine.models.save_pretrained`` must load in transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, SeedOssConfig, SeedOssForCausalLM
+
+import engine.lora as lora
+import engine.models as em
+from engine.lora import LoraConfig, LoraError
+
+ATOL = 1e-5
+VOCAB = 256
+HIDDEN = 64
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.1,
+    rms_norm_eps=1e-6,
+)
+
+BUILDERS = {
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen2_tied": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, rope_theta=1e4, tie_word_embeddings=True)),
+    # Explicit head_dim != hidden/heads, o_proj and MLP bias, dropouts (inactive in eval mode).
+    "seed_oss": lambda: SeedOssForCausalLM(
+        SeedOssConfig(
+            **_COMMON,
+            head_dim=24,
+            rope_theta=1e7,
+            attention_bias=True,
+            attention_out_bias=True,
+            mlp_bias=True,
+            attention_dropout=0.1,
+            residual_dropout=0.1,
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """name -> directory of a tiny random HF checkpoint (biases and norms made non-trivial)."""
+    out = {}
+    for i, (name, build) in enumerate(BUILDERS.items()):
+        torch.manual_seed(i)
+        hf = build()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if pname.endswith(".bias"):
+                    p.normal_(0.0, 0.5)
+                elif "norm" in pname:
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        path = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+def _hf(path, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def _ids(*shape, seed=1):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@torch.no_grad()
+def _randomise_B(model, seed, std=0.05, level=None):
+    """B is zero at init, which would make every parity check trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if lora.is_lora_parameter_name(name) and name.endswith(".B"):
+            if level is None or f".lora.{level}." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Our adapter -> PEFT
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "seed_oss"])
+@pytest.mark.parametrize("rslora", [True, False])
+@torch.no_grad()
+def test_our_adapter_loads_in_peft(ckpts, tmp_path, arch, rslora):
+    ckpt = ckpts[arch]
+    ours = em.from_pretrained(ckpt, dtype=torch.float32)
+    ids = _ids(2, 13)
+    base_logits = ours(ids)
+    config = LoraConfig(r=8, alpha=16.0, dropout=0.05, use_rslora=rslora)
+    wrapped = lora.apply_lora(ours, config)
+    assert len(wrapped) == 7 * 2  # seven projections in each of two layers
+    lora.init_lora_(ours, seed=0)
+    _randomise_B(ours, seed=1)
+    got = ours(ids)
+    assert _max_diff(got, base_logits) > 1e-2, "adapter too small to test anything"
+
+    out = lora.save_peft_adapter(ours, tmp_path / "adapter", config, base_model_name_or_path=str(ckpt))
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").dtype == torch.float32
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    assert len(keys) == 2 * len(wrapped)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["lora_dropout"]) == (8, 16, rslora, 0.05)
+    assert sorted(cfg["target_modules"]) == sorted(lora.DEFAULT_TARGET_MODULES)
+    assert cfg["base_model_name_or_path"] == str(ckpt)
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "temporary files left behind"
+
+    pm = peft.PeftModel.from_pretrained(_hf(ckpt), out).eval()
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(config.scaling, rel=1e-12)
+    assert pm.peft_config["default"].use_rslora is rslora
+    expected = pm(ids).logits
+    assert _max_diff(got, expected) <= ATOL, (arch, rslora)
+
+
+def test_export_config_mismatch_and_partial_targets(ckpts, tmp_path):
+    """save_peft_adapter refuses a config whose scaling differs from the trained adapter; a
+    level that covers only some q_proj layers is exported with full module names."""
+    ours = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+    lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0, target_modules=("layers.1.self_attn.q_proj",)), seed=0)
+    with pytest.raises(LoraError, match=r"does not match"):
+        lora.save_peft_adapter(ours, tmp_path / "x", LoraConfig(r=4, alpha=16.0), "base")
+    out = lora.save_peft_adapter(ours, tmp_path / "a", None, "base")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    pm = peft.PeftModel.from_pretrained(_hf(ckpts["qwen2"]), out)
+    assert not hasattr(pm.base_model.model.model.layers[0].self_attn.q_proj, "lora_A")
+    assert hasattr(pm.base_model.model.model.layers[1].self_attn.q_proj, "lora_A")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. PEFT adapter -> ours
+# --------------------------------------------------------------------------------------------
+
+
+def _peft_adapter(ckpt, out, rslora, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")):
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(
+        _hf(ckpt),
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, use_rslora=rslora, target_modules=list(targets)),
+    )
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    pm.eval()
+    pm.save_pretrained(out)
+    return pm
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "seed_oss"])
+@pytest.mark.parametrize("rslora", [True, False])
+@torch.no_grad()
+def test_peft_adapter_loads_in_ours(ckpts, tmp_path, arch, rslora):
+    ckpt = ckpts[arch]
+    pm = _peft_adapter(ckpt, tmp_path / "peft", rslora)
+    ids = _ids(2, 11, seed=3)
+    expected = pm(ids).logits
+
+    ours = em.from_pretrained(ckpt, dtype=torch.float32)
+    base_logits = ours(ids)
+    assert _max_diff(expected, base_logits) > 1e-2
+    cfg = lora.load_peft_adapter(ours, tmp_path / "peft")
+    assert (cfg.r, cfg.alpha, cfg.use_rslora, cfg.dropout) == (8, 16.0, rslora, 0.1)
+    assert "gate_proj" not in cfg.target_modules
+    assert not isinstance(ours.model.layers[0].mlp.gate_proj, lora.LoraLinear)
+    assert lora.trainable_lora_parameters(ours) == []  # trainable=False: loaded frozen
+    assert _max_diff(ours(ids), expected) <= ATOL, (arch, rslora)
+
+    # PEFT's in-memory key style (".lora_A.default.weight") is accepted too.
+    ours2 = em.from_pretrained(ckpt, dtype=torch.float32)
+    in_memory = {k: v.contiguous() for k, v in pm.state_dict().items() if "lora_" in k}
+    assert all(".default.weight" in k for k in in_memory)
+    alt = tmp_path / "default_keys"
+    alt.mkdir()
+    shutil.copy(tmp_path / "peft" / "adapter_config.json", alt)
+    save_file(in_memory, str(alt / "adapter_model.safetensors"))
+    lora.load_peft_adapter(ours2, alt, trainable=True)
+    assert len(lora.trainable_lora_parameters(ours2)) == 2 * 6 * 2
+    assert _max_diff(ours2(ids), expected) <= ATOL
+
+
+def test_stage2_on_frozen_peft_stage1(ckpts, peft_dir):
+    """The paper's sequence: a stage-1 PEFT adapter loaded frozen, a fresh stage-2 adapter on top."""
+    ckpt = ckpts["qwen2"]
+    ours = em.from_pretrained(ckpt, dtype=torch.float32)
+    ids = _ids(2, 9, seed=8)
+    lora.load_peft_adapter(ours, peft_dir)
+    with torch.no_grad():
+        stage1 = ours(ids)
+    lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0), seed=0)
+    assert lora.lora_levels(ours) == [0, 1]
+    trainable = {n for n, _ in lora.named_trainable_lora_parameters(ours)}
+    assert trainable and all(".lora.1." in n for n in trainable)
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():
+        assert _max_diff(ours(ids), stage1) <= ATOL  # stage 2 starts as a no-op (B = 0)
+    # Only stage 1 goes out as "the stage-1 adapter"; it round-trips exactly.
+    sd = lora.peft_state_dict(ours, adapter_index=0)
+    on_disk = load_file(peft_dir / "adapter_model.safetensors")
+    assert sd.keys() == on_disk.keys() and all(torch.equal(sd[k], on_disk[k]) for k in sd)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Init: PEFT's scheme, deterministic per parameter
+# --------------------------------------------------------------------------------------------
+
+
+def test_init_matches_peft_scheme_and_is_deterministic(ckpts):
+    ckpt = ckpts["seed_oss"]
+    args = em.from_pretrained(ckpt, dtype=torch.float32).args
+    config = LoraConfig(r=16, alpha=32.0)
+
+    cpu = em.from_pretrained(ckpt, dtype=torch.float32)
+    lora.apply_lora(cpu, config)
+    names = lora.init_lora_(cpu, seed=7)
+    params = dict(cpu.named_parameters())
+    assert len(names) == 2 * 7 * 2
+
+    all_a = []
+    for name in names:
+        p = params[name]
+        if name.endswith(".B"):
+            assert torch.count_nonzero(p) == 0, name
+        else:
+            bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform(a=sqrt(5)) on (r, in)
+            assert p.abs().max() <= bound, name
+            assert p.abs().max() > 0.9 * bound, name  # uses the whole range
+            all_a.append(p.detach().flatten() / bound)
+    u = torch.cat(all_a)  # should be U(-1, 1): mean 0, variance 1/3
+    assert abs(u.mean().item()) < 0.02 and abs(u.var().item() - 1 / 3) < 0.02
+
+    # PEFT's own init of the same layers has the same bound, and comparable spread.
+    pm = peft.get_peft_model(_hf(ckpt), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "down_proj"]))
+    peft_a = pm.base_model.model.model.layers[0].mlp.down_proj.lora_A.default.weight
+    ours_a = cpu.model.layers[0].mlp.down_proj.lora["0"].A
+    assert peft_a.shape == ours_a.shape
+    bound = 1.0 / math.sqrt(peft_a.shape[1])
+    assert peft_a.abs().max() <= bound and abs(peft_a.std().item() - ours_a.std().item()) < 0.1 * bound
+    assert torch.count_nonzero(pm.base_model.model.model.layers[0].mlp.down_proj.lora_B.default.weight) == 0
+
+    # Same seed -> same values; values independent of meta vs cpu and of target order.
+    values = lora.lora_init_values(cpu, seed=7)
+    assert all(torch.equal(values[n], params[n]) for n in names)
+    with torch.device("meta"):
+        meta = em.CausalLM(args)
+    lora.apply_lora(meta, LoraConfig(r=16, alpha=32.0, target_modules=tuple(reversed(config.target_modules))))
+    assert meta.model.layers[0].self_attn.q_proj.lora["0"].A.is_meta
+    # Base parameter names after wrapping are exactly the checkpoint's (load by name on the FSDP path).
+    base_names = {n for n, _ in meta.named_parameters() if not lora.is_lora_parameter_name(n)}
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        assert base_names == set(f.keys())
+    meta_values = lora.lora_init_values(meta, seed=7)
+    assert meta_values.keys() == values.keys()
+    assert all(torch.equal(meta_values[n], values[n]) for n in values)
+    with pytest.raises(LoraError, match="meta"):
+        lora.init_lora_(meta, seed=7)
+    # Different seed -> different values; different parameters never share values.
+    other = lora.lora_init_values(cpu, seed=8)
+    a0 = "model.layers.0.self_attn.q_proj.lora.0.A"
+    assert not torch.equal(other[a0], values[a0])
+    assert not torch.equal(values[a0], values["model.layers.1.self_attn.q_proj.lora.0.A"])
+
+
+def test_meta_apply_then_load_by_name_then_init(ckpts):
+    """The FSDP path's order: build on meta, apply LoRA, materialise, load the base checkpoint by
+    name (adapter names are simply absent from it), init: same model as applying on CPU."""
+    ckpt = ckpts["qwen2_tied"]
+    cpu = em.from_pretrained(ckpt, dtype=torch.float32)
+    lora.apply_lora(cpu, LoraConfig(r=8, alpha=16.0), seed=3)
+    with torch.device("meta"):
+        model = em.CausalLM(cpu.args)
+    lora.apply_lora(model, LoraConfig(r=8, alpha=16.0))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_buffers()
+    params = dict(model.named_parameters())
+    with safe_open(ckpt / "model.safetensors", "pt") as f, torch.no_grad():
+        assert {n for n in params if not lora.is_lora_parameter_name(n)} == set(f.keys())
+        for name in f.keys():
+            params[name].copy_(f.get_tensor(name))
+    lora.init_lora_(model, seed=3)
+    _randomise_B(cpu, seed=4)
+    _randomise_B(model, seed=4)
+    model.eval()
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        assert torch.equal(model(ids), cpu(ids))
+
+
+def test_uninitialised_adapter_is_loud(ckpts):
+    ours = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+    lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0))  # no seed, no init_lora_
+    with torch.no_grad():
+        assert torch.isnan(ours(_ids(1, 5))).all()
+    lora.init_lora_(ours, seed=0)
+    with torch.no_grad():
+        assert torch.isfinite(ours(_ids(1, 5))).all()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Training semantics
+# --------------------------------------------------------------------------------------------
+
+
+def test_only_adapters_train_and_fp32_adapter_on_bf16_base(ckpts):
+    ours = em.from_pretrained(ckpts["qwen2"], dtype=torch.bfloat16)
+    lora.apply_lora(ours, LoraConfig(r=8, alpha=16.0), seed=0)
+    _randomise_B(ours, seed=2)
+    named = dict(lora.named_trainable_lora_parameters(ours))
+    assert len(named) == 2 * 7 * 2 and all(lora.is_lora_parameter_name(n) for n in named)
+    for name, p in ours.named_parameters():
+        assert p.requires_grad == (name in named), name
+        assert p.dtype == (torch.float32 if name in named else torch.bfloat16), name
+    # Base parameter names are unchanged by wrapping (checkpoints still load by name).
+    assert "model.layers.0.self_attn.q_proj.weight" in dict(ours.named_parameters())
+    assert "model.layers.0.self_attn.q_proj.bias" in dict(ours.named_parameters())
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, nn.Linear)
+
+    ours.train()
+    logits = ours(_ids(2, 9))
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    for name, p in ours.named_parameters():
+        if name in named:
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
+            assert p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Scaling and dropout
+# --------------------------------------------------------------------------------------------
+
+
+class _One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 12, bias=True)
+
+
+@torch.no_grad()
+def test_scaling_numbers_and_dropout_in_train_mode_only():
+    assert LoraConfig().scaling == pytest.approx(64 / math.sqrt(32))  # paper: r 32, alpha 64, rsLoRA
+    assert LoraConfig(use_rslora=False).scaling == pytest.approx(2.0)
+    assert LoraConfig(r=8, alpha=16, use_rslora=True).scaling == pytest.approx(16 / math.sqrt(8))
+
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    for rslora, expected_scaling in ((True, 6 / math.sqrt(4)), (False, 6 / 4)):
+        torch.manual_seed(0)
+        m = _One().eval()
+        w, b = m.proj.weight.clone(), m.proj.bias.clone()
+        lora.apply_lora(m, LoraConfig(r=4, alpha=6.0, dropout=0.5, use_rslora=rslora, target_modules=("proj",)), seed=3)
+        _randomise_B(m, seed=4, std=1.0)
+        adapter = m.proj.lora["0"]
+        assert adapter.scaling == pytest.approx(expected_scaling)
+        reference = x @ w.T + b + expected_scaling * (x @ adapter.A.T @ adapter.B.T)
+        assert _max_diff(m.proj(x), reference) <= ATOL  # eval: no dropout
+        assert torch.equal(m.proj(x), m.proj(x))
+        m.train()
+        y1, y2 = m.proj(x), m.proj(x)
+        assert not torch.equal(y1, y2)  # dropout active in training mode
+        # dropout touches only the adapter's input, never the base path
+        adapter.B.zero_()
+        assert _max_diff(m.proj(x), x @ w.T + b) <= ATOL
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Stacking
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _merged_reference(ckpt, model_with_adapters):
+    """A fresh fp32 base with every adapter folded in by hand: W + sum scaling * B @ A."""
+    ref = em.from_pretrained(ckpt, dtype=torch.float32)
+    params = dict(ref.named_parameters())
+    for name, module in model_with_adapters.named_modules():
+        if isinstance(module, lora.LoraLinear):
+            for adapter in module.lora.values():
+                params[f"{name}.weight"] += adapter.scaling * adapter.B @ adapter.A
+    return ref
+
+
+def test_stacking(ckpts, tmp_path):
+    ckpt = ckpts["qwen2"]
+    ours = em.from_pretrained(ckpt, dtype=torch.float32)
+    first = lora.apply_lora(ours, LoraConfig(r=8, alpha=16.0), seed=0)
+    _randomise_B(ours, seed=1)
+    config2 = LoraConfig(r=4, alpha=4.0, use_rslora=False, target_modules=("q_proj", "v_proj"))
+    second = lora.apply_lora(ours, config2, seed=1)
+    _randomise_B(ours, seed=2, level=1)
+    assert len(first) == 14 and len(second) == 4
+    assert lora.lora_levels(ours) == [0, 1]
+    names = dict(ours.named_parameters())
+    assert "model.layers.0.self_attn.q_proj.lora.1.A" in names
+    assert "model.layers.0.self_attn.k_proj.lora.1.A" not in names
+    trainable = {n for n, _ in lora.named_trainable_lora_parameters(ours)}
+    assert trainable == {n for n in names if ".lora.1." in n} and len(trainable) == 8
+    assert not names["model.layers.0.self_attn.q_proj.lora.0.A"].requires_grad
+
+    ids = _ids(2, 10, seed=4)
+    with torch.no_grad():
+        got = ours(ids)
+        expected = _merged_reference(ckpt, ours)(ids)
+        base = em.from_pretrained(ckpt, dtype=torch.float32)(ids)
+    assert _max_diff(got, expected) <= ATOL
+    assert _max_diff(got, base) > 1e-2
+
+    # Both levels exported as two PEFT adapters, both active in PEFT, give the same logits.
+    lora.save_peft_adapter(ours, tmp_path / "s1", None, str(ckpt), adapter_index=0)
+    lora.save_peft_adapter(ours, tmp_path / "s2", None, str(ckpt), adapter_index=-1)
+    assert json.loads((tmp_path / "s2" / "adapter_config.json").read_text())["r"] == 4
+    pm = peft.PeftModel.from_pretrained(_hf(ckpt), tmp_path / "s1", adapter_name="s1")
+    pm.load_adapter(tmp_path / "s2", adapter_name="s2")
+    pm.base_model.set_adapter(["s1", "s2"])
+    pm.eval()
+    with torch.no_grad():
+        assert _max_diff(pm(ids).logits, got) <= ATOL
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Merge, save_pretrained, reload (ours and transformers)
+# --------------------------------------------------------------------------------------------
+
+# bf16 keeps 8 significant bits: round-to-nearest has relative error <= u = 2**-8 per element.
+BF16_U = 2.0**-8
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "seed_oss"])
+def test_merge_save_reload(ckpts, tmp_path, arch):
+    ckpt = ckpts[arch]
+    ids = _ids(2, 12, seed=6)
+
+    # fp32: merging is exact maths, only summation order changes.
+    f32 = em.from_pretrained(ckpt, dtype=torch.float32)
+    lora.apply_lora(f32, LoraConfig(r=8, alpha=16.0), seed=0)
+    _randomise_B(f32, seed=1)
+    with torch.no_grad():
+        unmerged32 = f32(ids)
+        assert len(lora.merge_lora_(f32)) == 14
+        assert not any(isinstance(m, lora.LoraLinear) for m in f32.modules())
+        assert not any(lora.is_lora_parameter_name(n) for n, _ in f32.named_parameters())
+        assert _max_diff(f32(ids), unmerged32) <= ATOL
+
+    # bf16 base + fp32 stage-1 adapter, then a stacked stage-2 adapter: the unmerged reference.
+    model = em.from_pretrained(ckpt, dtype=torch.bfloat16)
+    lora.apply_lora(model, LoraConfig(r=8, alpha=16.0), seed=0)
+    _randomise_B(model, seed=1)
+    stage1 = {
+        n: (m.weight.detach().float().clone(), m.lora["0"].delta_weight())
+        for n, m in model.named_modules()
+        if isinstance(m, lora.LoraLinear)
+    }
+    # Reference in fp32 arithmetic: bf16 base weights (exact in fp32) + fp32 adapter deltas.
+    ref = em.from_pretrained(ckpt, dtype=torch.bfloat16).float()
+    with torch.no_grad():
+        for n, (w, delta) in stage1.items():
+            ref.get_submodule(n).weight.copy_(w + delta)
+        expected = ref(ids)
+
+    with torch.no_grad():
+        lora.merge_lora_(model)
+    for n, (w, delta) in stage1.items():
+        merged = model.get_submodule(n).weight
+        assert merged.dtype == torch.bfloat16 and not merged.requires_grad
+        exact = w + delta
+        # merge = one rounding of the fp32 sum to bf16 ...
+        assert torch.equal(merged, exact.to(torch.bfloat16)), n
+        # ... so each element is within u * |W + dW| of the exact merged weight.
+        assert ((merged.float() - exact).abs() <= BF16_U * exact.abs()).all(), n
+
+    out = tmp_path / "merged"
+    em.save_pretrained(model, out, config=ckpt, max_shard_size="20KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in model.state_dict().values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    # Reload in fp32: the logits differ from the unmerged model only through the bf16 rounding
+    # of W + dW (relative <= u per weight). To first order a linear layer with relatively
+    # perturbed weights moves its output by ~u relative, and such errors add along the path:
+    # per decoder layer two rounded linears in series in attention (q/k/v, then o) and two in the
+    # MLP (gate/up, then down), 2 layers -> 8 u; the head is not merged. We allow 9 u * max|logit|
+    # (one u of slack). Measured: ~1e-2 against a tolerance of ~0.1; forgetting the adapter
+    # entirely moves the logits by ~3.
+    reloaded = em.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(ids)
+    tolerance = 9 * BF16_U * expected.abs().max().item()
+    diff = _max_diff(got, expected)
+    assert 0 < diff <= tolerance, (diff, tolerance)
+
+    # transformers loads the merged sharded checkpoint and agrees with us.
+    with torch.no_grad():
+        hf_logits = _hf(out).float()(ids).logits
+    assert _max_diff(hf_logits, got) <= ATOL
+
+
+def test_save_pretrained_tied_single_file_and_refusals(ckpts, tmp_path):
+    ckpt = ckpts["qwen2_tied"]
+    model = em.from_pretrained(ckpt, dtype=torch.float32)
+    config = json.loads((ckpt / "config.json").read_text())
+
+    lora.apply_lora(model, LoraConfig(r=4, alpha=8.0), seed=0)
+    with pytest.raises(em.SaveError, match="merge_lora_"):
+        em.save_pretrained(model, tmp_path / "x", config)
+    assert not (tmp_path / "x").exists()
+    with torch.no_grad():
+        lora.merge_lora_(model)
+
+    out = em.save_pretrained(model, tmp_path / "tied", config)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    stored = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored
+    ids = _ids(1, 8)
+    with torch.no_grad():
+        assert _max_diff(_hf(out)(ids).logits, model(ids)) <= ATOL
+
+    with pytest.raises(em.SaveError, match="not empty"):
+        em.save_pretrained(model, out, config)
+    em.save_pretrained(model, out, config, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left"
+    wrong = {**config, "hidden_size": 32}
+    with pytest.raises(em.SaveError, match="hidden_size"):
+        em.save_pretrained(model, tmp_path / "y", wrong)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_dir(ckpts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("peft_adapter")
+    _peft_adapter(ckpts["qwen2"], path, rslora=True)
+    return path
+
+
+def _variant(peft_dir, tmp_path, config_update=None, drop_keys=(), add=None):
+    out = tmp_path / "variant"
+    out.mkdir()
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    cfg.update(config_update or {})
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = {k: v for k, v in load_file(peft_dir / "adapter_model.safetensors").items() if k not in drop_keys}
+    tensors.update(add or {})
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_shape_mismatch_adapter_is_refused(peft_dir):
+    args = em.ModelArgs.from_hf_config({**_COMMON, "hidden_size": 32, "architectures": ["Qwen2ForCausalLM"]})
+    small = em.CausalLM(args)
+    with pytest.raises(LoraError) as err:
+        lora.load_peft_adapter(small, peft_dir)
+    msg = str(err.value)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert f"tensor '{key}' has shape (8, 64), expected (8, 32)" in msg
+    assert "different base model" in msg
+    assert lora.lora_levels(small) == []  # nothing was changed
+
+
+def test_unknown_target_and_lm_head_refused(ckpts):
+    model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+    with pytest.raises(LoraError, match=r"\['qkv_proj'\] match no linear layer.*'q_proj'"):
+        lora.apply_lora(model, LoraConfig(target_modules=("q_proj", "qkv_proj")))
+    with pytest.raises(LoraError, match="lm_head"):
+        lora.apply_lora(model, LoraConfig(target_modules=("q_proj", "lm_head")))
+    with pytest.raises(LoraError, match="positive integer"):
+        LoraConfig(r=0)
+    assert lora.lora_levels(model) == []
+    assert all(p.requires_grad for p in model.parameters())  # a refused apply changes nothing
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "bias = 'all'"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"peft_type": "IA3"}, "IA3"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights = 'pissa'"),
+        ({"target_modules": ["q_proj", "c_attn"]}, r"\['c_attn'\] match no linear layer"),
+    ],
+)
+def test_unsupported_peft_configs_refused(ckpts, peft_dir, tmp_path, update, message):
+    model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+    with pytest.raises(LoraError, match=message):
+        lora.load_peft_adapter(model, _variant(peft_dir, tmp_path, config_update=update))
+    assert lora.lora_levels(model) == []
+
+
+def test_missing_and_unexpected_keys_refused(ckpts, peft_dir, tmp_path):
+    model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+    gone = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    extra = {"base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight": torch.zeros(8, HIDDEN)}
+    with pytest.raises(LoraError) as err:
+        lora.load_peft_adapter(model, _variant(peft_dir, tmp_path, drop_keys=(gone,), add=extra))
+    msg = str(err.value)
+    assert f"lacks 1 tensor(s) its target_modules require:\n  {gone}" in msg
+    assert "gate_proj.lora_A.weight (not targeted by target_modules)" in msg
+    assert lora.lora_levels(model) == []
