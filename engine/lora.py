@@ -653,7 +653,9 @@ def read_peft_config(path: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = False) -> LoraConfig:
+def load_peft_adapter(
+    model: nn.Module, path: str | Path, trainable: bool = False, *, values_out: dict | None = None
+) -> LoraConfig:
     """Stack a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) on
     ``model`` as a new adapter level; returns its LoraConfig.
 
@@ -663,6 +665,10 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
     in one LoraError before anything is changed. With ``trainable`` the new adapter is trained
     and everything else frozen (as :func:`apply_lora`); otherwise it is frozen and other
     parameters keep their flags.
+
+    On a meta-device model (the sharded-loading path) pass ``values_out``: the adapter structure
+    is added and its tensors are stored there by parameter name, for the caller to copy into the
+    materialised (possibly sharded) parameters.
     """
     path = Path(path)
     cfg = read_peft_config(path)
@@ -682,8 +688,8 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
         # A regex or "all-linear" target becomes the explicit list of modules it matched.
         target_modules=tuple(cfg["target_modules"]) if isinstance(cfg["target_modules"], list) else tuple(targets),
     )
-    if any(m.weight.device.type == "meta" for m in targets.values()):
-        raise LoraError("load_peft_adapter: the model is on the meta device; materialise it first")
+    if values_out is None and any(m.weight.device.type == "meta" for m in targets.values()):
+        raise LoraError("load_peft_adapter: the model is on the meta device; materialise it first or pass values_out")
 
     problems: list[str] = []
     unexpected: list[str] = []
@@ -734,8 +740,12 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
             _freeze_all(model)
         level = _add_adapters(model, targets, r, alpha, config.dropout, config.use_rslora, trainable=trainable)
         for name, adapter in _level_modules(model, level).items():
-            adapter.A.copy_(f.get_tensor(found[(name, "A")]))
-            adapter.B.copy_(f.get_tensor(found[(name, "B")]))
+            for ab in "AB":
+                tensor = f.get_tensor(found[(name, ab)])
+                if values_out is None:
+                    getattr(adapter, ab).copy_(tensor)
+                else:
+                    values_out[f"{name}.lora.{level}.{ab}"] = tensor.float()
     return config
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from .config import ModelArgs
 from .decoder import CausalLM
@@ -110,19 +113,72 @@ def _listing(items: list[str]) -> str:
     return "\n  " + shown + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def load_safetensors(model: CausalLM, ckpt_dir: str | Path) -> None:
+def load_safetensors(
+    model: CausalLM,
+    ckpt_dir: str | Path,
+    *,
+    expect_missing: Callable[[str], bool] | Collection[str] | None = None,
+) -> None:
     """Copy every parameter of ``model`` from the checkpoint's safetensors files, by HF name.
 
     Raises :class:`CheckpointError` naming each tensor (and its file) that is missing,
-    unexpected, mis-shaped or not floating point.
+    unexpected, mis-shaped or not floating point. ``expect_missing`` names parameters the
+    checkpoint may lack (e.g. LoRA adapters): a set of names or a predicate; see
+    :func:`iter_checkpoint`.
     """
-    ckpt_dir = Path(ckpt_dir)
+    with torch.no_grad():
+        for name, param, tensor_slice in iter_checkpoint(model, ckpt_dir, expect_missing=expect_missing):
+            param.copy_(tensor_slice[:])  # copy_ converts dtype and device
+
+
+def iter_checkpoint(
+    model: nn.Module,
+    ckpt_dir: str | Path,
+    *,
+    expect_missing: Callable[[str], bool] | Collection[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """Validate the checkpoint against ``model``, then iterate ``(name, parameter, slice)``.
+
+    Validation (every name, shape and dtype, from the safetensors headers only) runs when this
+    function is called, before any tensor data is read, and raises one :class:`CheckpointError`
+    listing every problem. Shapes are compared with ``parameter.shape``, which for a sharded
+    DTensor parameter is the global shape.
+
+    The returned iterator opens each file once and yields, for every parameter the checkpoint
+    holds, its name, the model's parameter, and the safetensors slice reader
+    (``safe_open(...).get_slice(name)``): ``slice[:]`` reads the whole tensor, ``slice[a:b]``
+    only rows ``a:b``. A slice is valid only until the iterator advances to the next file.
+
+    Tied parameters are visited once, under their first name (``named_parameters``
+    de-duplicates); a stored ``lm_head.weight`` is ignored when the config ties embeddings, as HF
+    does. ``expect_missing`` (a collection of names or a predicate on names) marks parameters
+    the checkpoint may lack, e.g. LoRA adapters; they are skipped when absent and loaded when
+    present.
+    """
+    sources, params = _plan(model, Path(ckpt_dir), expect_missing)
+    return _iter_sources(sources, params)
+
+
+def _plan(
+    model: nn.Module,
+    ckpt_dir: Path,
+    expect_missing: Callable[[str], bool] | Collection[str] | None,
+) -> tuple[dict[str, Path], dict[str, torch.Tensor]]:
+    """Pass 1, headers only: parameter name -> file holding it, after checking everything."""
+    if expect_missing is None:
+        may_lack: Callable[[str], bool] = lambda name: False  # noqa: E731
+    elif callable(expect_missing):
+        may_lack = expect_missing
+    else:
+        allowed = set(expect_missing)
+        may_lack = allowed.__contains__
     files = _tensor_files(ckpt_dir)
     # remove_duplicate drops a tied lm_head.weight: it is the embedding matrix, filled under that name.
     params = dict(model.named_parameters())
-    tied_head = "lm_head.weight" if model.args.tie_word_embeddings else None
+    args = getattr(model, "args", None)
+    tied_head = "lm_head.weight" if getattr(args, "tie_word_embeddings", False) else None
+    architecture = getattr(args, "architecture", type(model).__name__)
 
-    # Pass 1: headers only.
     problems: list[str] = []
     unexpected: list[str] = []
     source: dict[str, Path] = {}  # parameter name -> file holding it
@@ -152,23 +208,27 @@ def load_safetensors(model: CausalLM, ckpt_dir: str | Path) -> None:
                         f"tensor '{name}' in {path.name} has dtype {stored_dtype}, expected a floating-point "
                         f"tensor ({'/'.join(_FLOAT_DTYPES)}); quantized or integer checkpoints are not supported"
                     )
-    missing = sorted(set(params) - set(source))
+    missing = sorted(name for name in set(params) - set(source) if not may_lack(name))
     if missing:
         problems.append(f"checkpoint lacks {len(missing)} tensor(s) the model needs:{_listing(missing)}")
     if unexpected:
         problems.append(
-            f"checkpoint has {len(unexpected)} tensor(s) the {model.args.architecture} model does not define:"
+            f"checkpoint has {len(unexpected)} tensor(s) the {architecture} model does not define:"
             f"{_listing(unexpected)}"
         )
     if problems:
         raise CheckpointError(f"cannot load checkpoint {ckpt_dir}:\n" + "\n".join(problems))
+    return source, params
 
-    # Pass 2: copy, one tensor in memory at a time; copy_ converts dtype and device.
+
+def _iter_sources(
+    sources: dict[str, Path], params: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """Pass 2: one file open at a time, tensors in file order."""
     by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, path in source.items():
+    for name, path in sources.items():
         by_file[path].append(name)
-    with torch.no_grad():
-        for path, names in by_file.items():
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in names:
-                    params[name].copy_(f.get_tensor(name))
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in names:
+                yield name, params[name], f.get_slice(name)
