@@ -18,7 +18,6 @@ import argparse
 import difflib
 import html
 import io
-import json
 import os
 import sys
 import tempfile
@@ -67,7 +66,7 @@ def summary_lines(ds: Dataset) -> list[str]:
 
 
 def write_jsonl_sample(out, s: Sample) -> None:
-    out.write(json.dumps({"input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
+    out.write(s.jsonl_line() + "\n")
 
 
 # ---------------------------------------------------------------- html

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cross_entropy import linear_cross_entropy
+
 from .attention import attention, position_ids_from_cu_seqlens
 from .config import ModelArgs
 
@@ -230,14 +232,22 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (b, s) -> logits (b, s, v), or the final normed hidden states (b, s, h) when
-        ``return_hidden`` (for a fused linear-cross-entropy that reads ``lm_head.weight`` itself).
+        ``return_hidden``.
+
+        With ``targets`` (b, s) — the next token each position must predict, -100 where not
+        trained — returns instead the fp32 *sum* of the token losses over trained positions
+        (the trainer divides by its own token count). Only trained rows go through the LM head.
+        The loss is computed inside ``forward`` so that FSDP's hooks see the LM-head use.
 
         position_ids (b, s) default to 0..s-1 per row, or restart per sample when ``cu_seqlens``
         (packed row, b == 1; see ``attention.py``) is given.
         """
         hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        if targets is not None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         if return_hidden:
             return hidden
         return self.lm_head(hidden)

@@ -51,7 +51,7 @@ def from_pretrained(
     converted to ``dtype`` and placed on ``device``. The model is returned in eval mode, as
     transformers does; call ``.train()`` to enable dropout.
     """
-    ckpt_dir = _resolve_checkpoint_dir(path_or_hub_id)
+    ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"no config.json in checkpoint directory {ckpt_dir}")
@@ -68,7 +68,7 @@ def from_pretrained(
     return model.eval()
 
 
-def _resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
+def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path

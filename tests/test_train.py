@@ -1,0 +1,203 @@
+"""The trainer: split-independent gradients, packing, 1 vs 2 ranks, exact resume, run records, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import lora, parallel
+from engine.data import collate_packed, load_samples
+from engine.tokenizer import Tokenizer
+from engine.train import TrainConfig, build_model, lr_lambda, main, rank_micro_batches, sample_hash, step_plan
+from tests.tiny import em_subset, tiny_seed_oss_checkpoint, write_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ckpt = tiny_seed_oss_checkpoint(root / "model")
+    data = em_subset(root / "em.jsonl", 24)
+    return root, ckpt, data
+
+
+def settings(setup, out: str, **extra) -> dict:
+    root, ckpt, data = setup
+    base = dict(model=str(ckpt), data=[str(data)], template="seed-oss", out_dir=str(root / out), dtype="float32",
+                batch_size=8, epochs=2, lr=1e-2, warmup_steps=2, lora_r=4, lora_alpha=8.0, micro_batch_tokens=600,
+                seed=3)
+    return base | extra
+
+
+def run(setup, out: str, **extra) -> Path:
+    config = write_toml(setup[0] / f"{out}.toml", settings(setup, out, **extra))
+    assert main(["--config", str(config)]) == 0
+    return Path(settings(setup, out)["out_dir"])
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------- gradient of one step
+
+
+def step_gradient(model, samples, budget: int, world: int) -> dict[str, torch.Tensor]:
+    """The step's gradient as the trainer forms it, with `world` ranks simulated in sequence
+    (FSDP sums the ranks' gradients, which test_parallel checks on real processes)."""
+    model.zero_grad(set_to_none=True)
+    n_targets = sum(s.num_targets for s in samples)
+    for rank in range(world):
+        rows, _ = rank_micro_batches(samples, rank, world, budget)
+        for row in rows:
+            b = collate_packed(row)
+            loss = model(b.input_ids, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens, targets=b.targets)
+            (loss / n_targets).backward()
+    return {n: p.grad.clone() for n, p in lora.named_trainable_lora_parameters(model)}
+
+
+def test_step_gradient_does_not_depend_on_the_split(setup):
+    root, ckpt, data = setup
+    cfg = TrainConfig(**settings(setup, "unused"))
+    model = build_model(cfg, parallel.init_distributed())
+    with torch.no_grad():  # B is zero at init, which would leave A's gradient zero: make both matter
+        for name, p in lora.named_trainable_lora_parameters(model):
+            p.normal_(0, 0.1)
+    samples = load_samples(data, Tokenizer.from_file(ckpt), "seed-oss").samples[:8]
+    assert len({len(s.input_ids) for s in samples}) > 1
+    unpacked = step_gradient(model, samples, budget=1, world=1)  # every sample alone in its row
+    packed = step_gradient(model, samples, budget=10_000, world=1)  # the whole step in one row
+    assert len(rank_micro_batches(samples, 0, 1, 10_000)[0]) == 1
+    assert max(g.abs().max().item() for g in unpacked.values()) > 1e-3
+    for budget, world in [(10_000, 1), (600, 1), (600, 2), (1, 3)]:
+        grads = step_gradient(model, samples, budget, world)
+        assert max_diff(grads, unpacked) <= 1e-6, (budget, world)
+    assert max_diff(packed, unpacked) <= 1e-6
+
+
+def test_lr_schedule_matches_transformers():
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(params, lr=1.0)
+    ref = get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=40)
+    for step in range(45):
+        assert lr_lambda(step, 5, 40) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        ref.step()
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    return run(setup, "full", record_tokens=True)
+
+
+def test_run_directory_and_records(setup, full_run):
+    root, ckpt, data = setup
+    assert (full_run / "config.json").is_file()
+    metrics = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "trained_tokens", "tokens", "tokens_per_s"} <= set(metrics[0])
+    assert metrics[0]["lr"] == 0.0 and metrics[1]["lr"] == pytest.approx(5e-3)  # HF's warm-up from 0
+    assert losses(full_run)[-1] < losses(full_run)[0]  # it learns
+    # Token manifest: every sample of the epoch once per epoch, hashes of the audit's jsonl lines.
+    steps = [json.loads(line) for line in (full_run / "tokens.jsonl").read_text().splitlines()]
+    ds = load_samples(data, Tokenizer.from_file(ckpt), "seed-oss")
+    by_source = {s.source: s for s in ds.samples}
+    for epoch in (0, 1):
+        sources = [x["source"] for st in steps if st["epoch"] == epoch for x in st["samples"]]
+        assert sorted(sources) == sorted(by_source)
+    for st in steps:
+        assert sum(x["trained"] for x in st["samples"]) == metrics[st["step"] - 1]["trained_tokens"]
+        for x in st["samples"]:
+            assert x["sha256"] == sample_hash(by_source[x["source"]])
+        recorded = (full_run / "tokens" / f"step_{st['step']:06d}.jsonl").read_text().splitlines()
+        assert recorded == [by_source[x["source"]].jsonl_line() for x in st["samples"]]
+    assert (full_run / "adapter" / "adapter_config.json").is_file()
+    assert len(adapter(full_run)) == 2 * 7 * 2  # A and B for 7 projections in 2 layers
+
+
+def test_resume_after_interruption_is_exact(setup, full_run):
+    part = run(setup, "part", max_steps=3, save_every=2, record_tokens=True)
+    assert (part / "checkpoints" / "step_000002").is_dir() and (part / "checkpoints" / "step_000003").is_dir()
+    # A process killed while writing step 3's checkpoint leaves it without a complete manifest.
+    (part / "checkpoints" / "step_000003" / "manifest.json").unlink()
+    run(setup, "part", resume=True, record_tokens=True)
+    assert losses(part) == pytest.approx(losses(full_run), abs=1e-6)
+    assert len(losses(part)) == 6
+    assert max_diff(adapter(part), adapter(full_run)) <= 1e-6
+    assert sorted(p.name for p in (part / "tokens").iterdir()) == sorted(p.name for p in (full_run / "tokens").iterdir())
+
+
+def test_resume_with_changed_config_is_refused(setup, full_run, capsys):
+    config = write_toml(setup[0] / "changed.toml", settings(setup, "full", lr=5e-3, seed=4, resume=True))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume: the config differs" in err and "lr: 0.01 -> 0.005" in err and "seed: 3 -> 4" in err
+
+
+def test_existing_run_dir_needs_resume(setup, full_run, capsys):
+    config = write_toml(setup[0] / "again.toml", settings(setup, "full"))
+    assert main(["--config", str(config)]) == 2
+    assert "already holds a run; pass --resume=true" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_the_run(setup, tmp_path, capsys):
+    ckpt = tiny_seed_oss_checkpoint(tmp_path / "nan_model", nan=True)
+    config = write_toml(tmp_path / "nan.toml", settings(setup, "nan", model=str(ckpt), out_dir=str(tmp_path / "nan")))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at step 1; stopped before the update; no checkpoint was written yet" in err
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_bad_settings_are_refused(setup, capsys):
+    assert main(["--config", str(write_toml(setup[0] / "bad.toml", settings(setup, "bad") | {"lr_rate": 1.0}))]) == 2
+    assert "unknown key 'lr_rate'" in capsys.readouterr().err
+    assert main(["--config", str(write_toml(setup[0] / "bad2.toml", settings(setup, "bad"))), "--batch-size=0"]) == 2
+    assert "batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_two_ranks_match_one_rank(setup, full_run):
+    """The same run under torchrun with 2 CPU ranks (gloo, FSDP2): same losses and adapter."""
+    root, ckpt, data = setup
+    cfg = TrainConfig(**settings(setup, "two_ranks"))
+    samples = load_samples(data, Tokenizer.from_file(ckpt), "seed-oss").samples
+    rows_per_rank = [
+        [len(rank_micro_batches([samples[i] for i in indices], r, 2, cfg.micro_batch_tokens)[0]) for r in (0, 1)]
+        for _, indices in step_plan(len(samples), cfg)
+    ]
+    # In some steps the ranks get different numbers of packed rows, so one runs a zero-weight pass.
+    assert [2, 1] in rows_per_rank
+    out = setup[0] / "two_ranks"
+    config = write_toml(setup[0] / "two.toml", settings(setup, "two_ranks", record_tokens=True))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "engine.train", "--config", str(config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert losses(out) == pytest.approx(losses(full_run), abs=1e-5)
+    assert max_diff(adapter(out), adapter(full_run)) <= 1e-5
+    assert (out / "tokens.jsonl").read_text() == (full_run / "tokens.jsonl").read_text()
