@@ -9,6 +9,8 @@ Formats:
          this format is a contract other tools read; the summary goes to stderr;
   html   a readable page with trained tokens highlighted.
 `--diff POLICY` compares the token streams of two system-prompt policies sample by sample.
+`--run RUN_DIR [--step N ...]` shows the tokens a training run trained on, step by step, and checks
+each sample against the SHA-256 in the run's token manifest (exit status 1 on a mismatch).
 Exit status: 0 on success, 2 on bad input (nothing is written then).
 """
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import html
 import io
+import json
 import os
 import sys
 import tempfile
@@ -35,9 +39,9 @@ def _system_label(system: str | None) -> str:
     return "no system block" if system is None else f"system {system!r}"
 
 
-def write_text_sample(out, tokenizer: Tokenizer, s: Sample) -> None:
+def write_text_sample(out, tokenizer: Tokenizer, s: Sample, header: str | None = None) -> None:
     flags = " truncated" if s.truncated else ""
-    out.write(f"=== {s.source}  {len(s.input_ids)} tokens, {s.num_trained} trained, {_system_label(s.system)}{flags}\n")
+    out.write(header or f"=== {s.source}  {len(s.input_ids)} tokens, {s.num_trained} trained, {_system_label(s.system)}{flags}\n")
     for pos, (tid, label) in enumerate(zip(s.input_ids, s.labels)):
         mark = "T" if label != IGNORE else "."
         out.write(f"{pos:6d} {tid:7d} {mark} {tokenizer.piece(tid)}\n")
@@ -136,18 +140,84 @@ def write_diff(out, tokenizer: Tokenizer, a: Dataset, b: Dataset) -> None:
     )
 
 
+# ---------------------------------------------------------------- a training run's token manifest
+
+
+def audit_run(args: argparse.Namespace, out, err) -> int:
+    """Show the tokens a training run recorded, and check them against its manifest.
+
+    Each sample's tokens come from the run's recorded streams (`record_tokens`), or else from
+    re-rendering its source row with the run's own template, policy and tokenizer; either way
+    the SHA-256 of the sample's jsonl line must equal the manifest's. Returns 1 on any mismatch.
+    """
+    run_dir = Path(args.run)
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        manifest = [json.loads(line) for line in (run_dir / "tokens.jsonl").read_text().splitlines()]
+    except FileNotFoundError as e:
+        raise ValueError(f"{run_dir} is not a training run directory ({e.filename} is missing)") from None
+    steps = [m for m in manifest if not args.step or m["step"] in args.step]
+    if args.step and len(steps) != len(set(args.step)):
+        raise ValueError(f"{run_dir}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
+    tokenizer = Tokenizer.from_file(args.tokenizer or cfg["tokenizer"] or cfg["model"])
+    special_ids(tokenizer, cfg["template"])
+
+    # The run's data as it renders today, for samples whose stream was not recorded.
+    policy = SystemPolicy(cfg["system_prompt"], cfg["system_text"])
+    rendered: dict[str, Sample] = {}
+    for path in cfg["data"]:
+        if Path(path).is_file():
+            ds = load_samples(path, tokenizer, cfg["template"], policy, max_len=cfg["max_len"],
+                              overlong="truncate" if cfg["truncate"] else "drop", skip_invalid=cfg["skip_invalid"])
+            rendered.update((sample.source, sample) for sample in ds.samples)
+
+    counts = {"match": 0, "MISMATCH": 0, "not found": 0}
+    for step in steps:
+        stream = run_dir / "tokens" / f"step_{step['step']:06d}.jsonl"
+        lines = stream.read_text().splitlines() if stream.is_file() else None
+        for i, entry in enumerate(step["samples"]):
+            source = entry["source"]
+            line = lines[i] if lines is not None else (rendered[source].jsonl_line() if source in rendered else None)
+            if line is None:
+                status = "not found"
+            else:
+                status = "match" if hashlib.sha256(line.encode()).hexdigest() == entry["sha256"] else "MISMATCH"
+            counts[status] += 1
+            if line is None:
+                out.write(f"=== step {step['step']} sample {i + 1}: {source}: not recorded and not in the run's data\n")
+                continue
+            row = json.loads(line)
+            system = rendered[source].system if source in rendered else None
+            sample = Sample(row["input_ids"], row["labels"], source, system)
+            if args.format == "jsonl":
+                out.write(line + "\n")
+            else:
+                origin = "recorded" if lines is not None else "re-rendered"
+                write_text_sample(out, tokenizer, sample, header=(
+                    f"=== step {step['step']} (epoch {step['epoch']}) sample {i + 1}/{len(step['samples'])}: {source}  "
+                    f"{len(sample.input_ids)} tokens, {sample.num_trained} trained, {origin}, sha256 {status}\n"))
+    summary = (f"--- run {run_dir}: {len(steps)} step(s), {sum(counts.values())} sample(s): {counts['match']} match "
+               f"the manifest's SHA-256, {counts['MISMATCH']} do not, {counts['not found']} not found\n")
+    (err if args.format == "jsonl" else out).write(summary)
+    return 0 if counts["match"] == sum(counts.values()) else 1
+
+
 # ---------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.audit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, or a checkpoint directory holding one")
-    p.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="chat template to render with")
+    p.add_argument("--tokenizer", help="tokenizer.json, or a checkpoint directory holding one (with --run: "
+                   "defaults to the run's)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="chat template to render with")
     p.add_argument("--system-prompt", default="default", choices=POLICIES,
                    help="system-prompt policy: default (what the official template does), empty, omit, replace")
     p.add_argument("--system-text", help="the system text for --system-prompt replace")
-    p.add_argument("--data", required=True, nargs="+", help="JSONL chat file(s) of {\"messages\": [...]} rows")
+    p.add_argument("--data", nargs="+", help="JSONL chat file(s) of {\"messages\": [...]} rows")
+    p.add_argument("--run", help="instead of --data: a training run directory; show the tokens its manifest records "
+                   "and check their SHA-256")
+    p.add_argument("--step", type=int, nargs="+", help="with --run: only these optimizer steps")
     p.add_argument("--format", default="text", choices=("text", "jsonl", "html"), help="output format (default text)")
     p.add_argument("--limit", type=int, help="read only the first N rows of each file")
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help=f"longest sample in tokens (default {DEFAULT_MAX_LEN})")
@@ -160,7 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace, out, err) -> None:
+def run(args: argparse.Namespace, out, err) -> int:
+    if args.run:
+        if args.data or args.diff or args.format == "html":
+            raise ValueError("--run reads the run's own data and settings; it takes --tokenizer, --step, "
+                             "--format text|jsonl and --output")
+        return audit_run(args, out, err)
+    missing = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--template", args.template),
+                                        ("--data", args.data)) if not value]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give --run RUN_DIR)")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     if args.diff and args.format != "text":
@@ -178,11 +257,11 @@ def run(args: argparse.Namespace, out, err) -> None:
         other = SystemPolicy(args.diff, args.diff_system_text)
         for path in args.data:
             write_diff(out, tokenizer, load(path, policy), load(path, other))
-        return
+        return 0
     datasets = [load(path, policy) for path in args.data]  # all inputs validated before any output
     if args.format == "html":
         write_html(out, tokenizer, datasets)
-        return
+        return 0
     for ds in datasets:
         for s in ds.samples:
             if args.format == "jsonl":
@@ -191,6 +270,7 @@ def run(args: argparse.Namespace, out, err) -> None:
                 write_text_sample(out, tokenizer, s)
         summary_out = err if args.format == "jsonl" else out
         summary_out.write("\n".join(summary_lines(ds)) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     # Render into memory first, so a failure leaves no half-written output behind.
     buffer = io.StringIO()
     try:
-        run(args, buffer, sys.stderr)
+        code = run(args, buffer, sys.stderr)
     except (DataError, DataErrors, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -210,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, target)
     else:
         sys.stdout.write(buffer.getvalue())
-    return 0
+    return code
 
 
 if __name__ == "__main__":
