@@ -233,3 +233,23 @@ def test_audit_reads_the_token_manifest_back(setup, full_run, tmp_path, capsys):
     assert audit(["--run", str(copy), "--step", "3"]) == 1
     out = capsys.readouterr().out
     assert "recorded, sha256 MISMATCH" in out and "7 match the manifest's SHA-256, 1 do not" in out
+
+
+def test_merge_cli_equals_stacked_adapter(setup, full_run, tmp_path):
+    """`python -m engine.merge` writes a checkpoint whose logits equal base + stacked adapter (fp32)."""
+    from engine.merge import main as merge_main
+    from engine.models import from_pretrained
+
+    root, ckpt, data = setup
+    out = tmp_path / "merged"
+    assert merge_main(["--base", str(ckpt), "--adapter", str(full_run / "adapter"), "--out", str(out),
+                       "--dtype", "float32"]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    stacked = from_pretrained(ckpt, dtype=torch.float32)
+    lora.load_peft_adapter(stacked, full_run / "adapter")
+    merged = from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 565, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, base = stacked(ids), merged(ids), from_pretrained(ckpt, dtype=torch.float32)(ids)
+    assert (a - base).abs().max().item() > 1e-3  # the adapter changes the model
+    assert (a - b).abs().max().item() <= 1e-5
