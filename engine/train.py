@@ -48,45 +48,51 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens"}
 
 
+def opt(default, help: str, *, factory=None):
+    """A config field with its help text (shown by `python -m engine.train --help`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    model: str  # checkpoint directory or hub id
-    data: list[str]  # JSONL chat files, concatenated in this order before shuffling
-    template: str  # chat template: qwen2.5 | seed-oss
-    out_dir: str  # run directory
-    tokenizer: str | None = None  # tokenizer.json or directory; default: the model directory
-    system_prompt: str = "default"  # default | empty | omit | replace
-    system_text: str | None = None  # for system_prompt = "replace"
-    max_len: int = 2048
-    truncate: bool = False  # truncate over-length samples instead of dropping them
-    skip_invalid: bool = False
-    # LoRA (the paper: r 32, alpha 64, rsLoRA, dropout 0, all seven projections)
-    lora_r: int = 32
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = True
-    lora_targets: list[str] = field(default_factory=lambda: list(PAPER_TARGETS))
-    stack_adapters: list[str] = field(default_factory=list)  # earlier stages' PEFT adapters, frozen below the new one
-    # optimisation (the paper: AdamW lr 1e-5, wd 0.01, linear schedule, 5 warm-up steps, 16 samples/step)
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    epochs: int = 1
-    batch_size: int = 16  # samples per optimizer step, over all ranks
-    micro_batch_tokens: int = 4096  # packing budget of one micro-batch row
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0  # data order and LoRA init
-    max_steps: int | None = None  # stop early; the LR schedule still spans the full run
-    dtype: str = "bfloat16"  # compute dtype of the base weights: bfloat16 | float16 | float32
-    activation_checkpointing: bool = False
-    compile: bool = False
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
-    record_tokens: bool = False  # write every step's full token stream under tokens/
-    log_every: int = 1
-    resume: bool = False
+    model: str = opt(dataclasses.MISSING, "base checkpoint directory or hub id (HF safetensors)")
+    data: list[str] = opt(dataclasses.MISSING, "JSONL chat file(s), concatenated in this order before shuffling")
+    template: str = opt(dataclasses.MISSING, "chat template: qwen2.5 | seed-oss")
+    out_dir: str = opt(dataclasses.MISSING, "run directory")
+    tokenizer: str | None = opt(None, "tokenizer.json or a directory holding one (default: the model directory)")
+    system_prompt: str = opt("default", "system-prompt policy: default | empty | omit | replace")
+    system_text: str | None = opt(None, "the system text for system_prompt = replace")
+    max_len: int = opt(2048, "longest sample in tokens (the paper's sequence_len)")
+    truncate: bool = opt(False, "truncate over-length samples instead of dropping them")
+    skip_invalid: bool = opt(False, "drop and count invalid rows instead of failing")
+    lora_r: int = opt(32, "LoRA rank (paper: 32)")
+    lora_alpha: float = opt(64.0, "LoRA alpha (paper: 64)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input (paper: 0)")
+    use_rslora: bool = opt(True, "rsLoRA scaling alpha/sqrt(r) (paper: true)")
+    lora_targets: list[str] = opt(None, "linear layers to adapt (paper: all seven projections)",
+                                  factory=lambda: list(PAPER_TARGETS))
+    stack_adapters: list[str] = opt(None, "earlier stages' PEFT adapters, frozen below the new one", factory=list)
+    lr: float = opt(1e-5, "AdamW learning rate (paper: 1e-5)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (paper: 0.01)")
+    warmup_steps: int = opt(5, "linear warm-up steps, then linear decay to 0 (paper: 5)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    epochs: int = opt(1, "passes over the data (paper: 1)")
+    batch_size: int = opt(16, "samples per optimizer step over all ranks (paper: 2 x 8 = 16)")
+    micro_batch_tokens: int = opt(4096, "packing budget: tokens per micro-batch row")
+    max_grad_norm: float = opt(1.0, "gradient clipping max-norm (0: no clipping)")
+    seed: int = opt(0, "seed of the data order and the LoRA init")
+    max_steps: int | None = opt(None, "stop after this many steps; the LR schedule still spans the full run")
+    dtype: str = opt("bfloat16", "compute dtype of the base weights: bfloat16 | float16 | float32")
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer in the backward pass")
+    compile: bool = opt(False, "torch.compile each decoder layer")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    record_tokens: bool = opt(False, "write every step's full token stream under tokens/")
+    log_every: int = opt(1, "progress line every N steps")
+    resume: bool = opt(False, "continue the run in out_dir from its last complete checkpoint")
 
     def __post_init__(self) -> None:
         checks = [
@@ -462,11 +468,13 @@ def _set_rng_state(state: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    fields = dataclasses.fields(TrainConfig)
+    def default(f) -> str:
+        if f.default_factory is not dataclasses.MISSING:
+            return str(f.default_factory())
+        return "(required)" if f.default is dataclasses.MISSING else str(f.default)
+
     epilog = "settings (in the TOML file, or as --key=value):\n" + "\n".join(
-        f"  {f.name:26s} default {f.default if f.default is not dataclasses.MISSING else '(required)'}"
-        if f.default_factory is dataclasses.MISSING else f"  {f.name:26s} default {f.default_factory()}"
-        for f in fields
+        f"  {f.name:25s} {f.metadata['help']} [{default(f)}]" for f in dataclasses.fields(TrainConfig)
     )
     parser = argparse.ArgumentParser(prog="python -m engine.train", description="LoRA fine-tuning of a chat model.",
                                      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
