@@ -377,7 +377,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         n_targets = sum(s.num_targets for s in step_samples)  # the whole step's, on every rank
         rows, n_micro = rank_micro_batches(step_samples, dist.rank, dist.world_size, cfg.micro_batch_tokens)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)  # on device: no sync per micro-batch
         tokens = 0
         for i in range(n_micro):
             last = i == n_micro - 1
@@ -392,7 +392,7 @@ class Trainer:
             loss = self.model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
                               targets=batch.targets)
             (loss * (scale / max(1, n_targets))).backward()
-            loss_sum += loss.detach().double().cpu() * scale
+            loss_sum += loss.detach() * scale
         totals = parallel.all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
         step_loss = totals[0].item() / max(1, n_targets)
         if not math.isfinite(step_loss):
