@@ -374,27 +374,9 @@ class Trainer:
     # ------------------------------------------------------------ one optimizer step
 
     def train_step(self, step_samples: list[Sample]) -> dict:
-        cfg, dist = self.cfg, self.dist
-        n_targets = sum(s.num_targets for s in step_samples)  # the whole step's, on every rank
-        rows, n_micro = rank_micro_batches(step_samples, dist.rank, dist.world_size, cfg.micro_batch_tokens)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)  # on device: no sync per micro-batch
-        tokens = 0
-        for i in range(n_micro):
-            last = i == n_micro - 1
-            parallel.set_gradient_sync(self.model, last)  # reduce gradients across ranks once per step
-            if i < len(rows):
-                batch = collate_packed(rows[i]).to(dist.device)
-                tokens += batch.input_ids.numel()
-                scale = 1.0
-            else:  # this rank ran out of rows: a zero-weight pass keeps FSDP's collectives in step
-                batch = _dummy_batch(dist.device)
-                scale = 0.0
-            loss = self.model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
-                              targets=batch.targets)
-            (loss * (scale / max(1, n_targets))).backward()
-            loss_sum += loss.detach() * scale
-        totals = parallel.all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
-        step_loss = totals[0].item() / max(1, n_targets)
+        cfg = self.cfg
+        loss_total, n_targets, tokens = accumulate_gradients(self.model, step_samples, self.dist, cfg.micro_batch_tokens)
+        step_loss = loss_total / max(1, n_targets)
         if not math.isfinite(step_loss):
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             raise TrainingError(f"non-finite loss ({step_loss}) at step {self.step + 1}; stopped before the update; {where}")
@@ -403,8 +385,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_targets,
-                "tokens": int(totals[1].item())}
+        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_targets, "tokens": tokens}
 
     # ------------------------------------------------------------ the loop
 
@@ -443,6 +424,31 @@ class Trainer:
         if self.dist.is_main:
             lora.write_peft_adapter(target, state, self.lora_config, base_model_name_or_path=self.cfg.model)
         parallel.barrier()
+
+
+def accumulate_gradients(model: CausalLM, step_samples: list[Sample], dist: parallel.Dist,
+                         micro_batch_tokens: int) -> tuple[float, int, int]:
+    """Forward and backward one optimizer step's samples on this rank, gradients scaled by 1 / the
+    step's trained-token count. Returns (summed loss over all ranks, trained tokens, tokens)."""
+    n_targets = sum(s.num_targets for s in step_samples)  # the whole step's, known on every rank
+    rows, n_micro = rank_micro_batches(step_samples, dist.rank, dist.world_size, micro_batch_tokens)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)  # on device: no sync per micro-batch
+    tokens = 0
+    for i in range(n_micro):
+        parallel.set_gradient_sync(model, i == n_micro - 1)  # reduce across ranks once per step
+        if i < len(rows):
+            batch = collate_packed(rows[i]).to(dist.device)
+            tokens += batch.input_ids.numel()
+            scale = 1.0
+        else:  # this rank ran out of rows: a zero-weight pass keeps FSDP's collectives in step
+            batch = _dummy_batch(dist.device)
+            scale = 0.0
+        loss = model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                     targets=batch.targets)
+        (loss * (scale / max(1, n_targets))).backward()
+        loss_sum += loss.detach() * scale
+    totals = parallel.all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
+    return totals[0].item(), n_targets, int(totals[1].item())
 
 
 def _dummy_batch(device) -> PackedBatch:

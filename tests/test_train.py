@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from engine import lora, parallel
-from engine.data import collate_packed, load_samples
+from engine.data import load_samples
 from engine.tokenizer import Tokenizer
-from engine.train import TrainConfig, build_model, lr_lambda, main, rank_micro_batches, sample_hash, step_plan
+from engine.train import TrainConfig, accumulate_gradients, build_model, lr_lambda, main, rank_micro_batches, sample_hash, step_plan
 from tests.tiny import em_subset, tiny_seed_oss_checkpoint, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,16 +60,12 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def step_gradient(model, samples, budget: int, world: int) -> dict[str, torch.Tensor]:
-    """The step's gradient as the trainer forms it, with `world` ranks simulated in sequence
-    (FSDP sums the ranks' gradients, which test_parallel checks on real processes)."""
+    """The step's gradient from the trainer's own accumulation, with `world` ranks run one after the
+    other in this process (FSDP sums the ranks' gradients; test_parallel checks that on real
+    processes, and test_two_ranks_match_one_rank checks whole runs)."""
     model.zero_grad(set_to_none=True)
-    n_targets = sum(s.num_targets for s in samples)
     for rank in range(world):
-        rows, _ = rank_micro_batches(samples, rank, world, budget)
-        for row in rows:
-            b = collate_packed(row)
-            loss = model(b.input_ids, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens, targets=b.targets)
-            (loss / n_targets).backward()
+        accumulate_gradients(model, samples, parallel.Dist(rank, world, rank, torch.device("cpu")), budget)
     return {n: p.grad.clone() for n, p in lora.named_trainable_lora_parameters(model)}
 
 
