@@ -29,6 +29,7 @@ from pathlib import Path
 
 from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy
 from engine.data import DEFAULT_MAX_LEN, Dataset, DataError, DataErrors, Sample, load_samples
+from engine.models.loading import resolve_checkpoint_dir
 from engine.tokenizer import Tokenizer, special_ids
 
 
@@ -159,7 +160,7 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
     steps = [m for m in manifest if not args.step or m["step"] in args.step]
     if args.step and len(steps) != len(set(args.step)):
         raise ValueError(f"{run_dir}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
-    tokenizer = Tokenizer.from_file(args.tokenizer or cfg["tokenizer"] or cfg["model"])
+    tokenizer = Tokenizer.from_file(args.tokenizer or cfg["tokenizer"] or resolve_checkpoint_dir(cfg["model"]))
     special_ids(tokenizer, cfg["template"])
 
     # The run's data as it renders today, for samples whose stream was not recorded.

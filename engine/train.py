@@ -266,7 +266,7 @@ class Trainer:
         self.records = RunRecords(self.out_dir, dist.is_main, cfg.record_tokens)
         self.log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
 
-        tokenizer = Tokenizer.from_file(cfg.tokenizer or cfg.model)
+        tokenizer = Tokenizer.from_file(cfg.tokenizer or resolve_checkpoint_dir(cfg.model))
         self.samples: list[Sample] = []
         for path in cfg.data:  # every rank loads all data (cheap) and so knows every step's token count
             ds = load_samples(path, tokenizer, cfg.template, cfg.policy(), max_len=cfg.max_len,
