@@ -58,11 +58,13 @@ class SystemPolicy:
         return f"replace:{self.text!r}" if self.mode == "replace" else self.mode
 
 
-def validate_messages(messages: object, *, allow_reasoning: bool) -> list[dict]:
+def validate_messages(messages: object, *, allow_reasoning: bool, require_assistant: bool = True) -> list[dict]:
     """Check a conversation's structure; raise ChatFormatError naming the first problem.
 
     Accepted: a non-empty list of {"role", "content"} objects with roles system/user/assistant and
     string content (plus "reasoning_content" on assistant turns where the template renders it).
+    A training conversation needs an assistant turn; an inference prompt (`require_assistant=False`,
+    what rendering with a generation prompt uses) does not.
     Everything else is refused rather than silently dropped: a key the template would ignore is
     data that would not be trained on.
     """
@@ -95,7 +97,7 @@ def validate_messages(messages: object, *, allow_reasoning: bool) -> list[dict]:
                 f"{where} ({role}): unsupported key(s) {', '.join(sorted(map(repr, extra)))}; "
                 "the template would not render them, so they would silently not be trained on"
             )
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ChatFormatError("no assistant turn: nothing would be trained")
     return messages
 

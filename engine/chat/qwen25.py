@@ -29,7 +29,7 @@ def render(
 ) -> list[Segment]:
     if thinking_budget is not None:
         raise ValueError("thinking_budget is a Seed-OSS template option; the Qwen2.5 template has none")
-    validate_messages(messages, allow_reasoning=False)
+    validate_messages(messages, allow_reasoning=False, require_assistant=not add_generation_prompt)
     system, rest = apply_policy(messages, policy, DEFAULT_SYSTEM)
     segments: list[Segment] = []
     if system is not None:

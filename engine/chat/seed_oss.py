@@ -60,7 +60,7 @@ def render(
     """`thinking_budget`: None or -1 = unlimited (no instruction), 0 = answer without thinking."""
     if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
         raise ValueError(f"thinking_budget must be an integer, got {thinking_budget!r}")
-    validate_messages(messages, allow_reasoning=True)
+    validate_messages(messages, allow_reasoning=True, require_assistant=not add_generation_prompt)
     system, rest = apply_policy(messages, policy, None)
     segments: list[Segment] = []
     if system is not None:

@@ -2,7 +2,8 @@
 
 Reads top to bottom: the args (``ModelArgs``, parsed from HF's config.json in ``config.py``),
 then modules from small to large: RMSNorm, rotary embedding, Attention, MLP (SwiGLU),
-DecoderLayer, Transformer, CausalLM; weight init is ``CausalLM.init_weights``.
+DecoderLayer, Transformer, CausalLM; weight init is ``CausalLM.init_weights``. Inference threads an
+optional KV cache (``kv_cache.py``) through the forwards; training never passes one.
 
 Module and parameter names equal HF's state-dict keys (``model.embed_tokens.weight``,
 ``model.layers.0.self_attn.q_proj.weight``, ..., ``model.norm.weight``, ``lm_head.weight``), so
@@ -27,6 +28,7 @@ from kernels.cross_entropy import linear_cross_entropy
 
 from .attention import attention, position_ids_from_cu_seqlens
 from .config import ModelArgs
+from .kv_cache import KVCache, LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -101,21 +103,30 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.attention_out_bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape  # x (b, s, h)
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (b, s, nh, d)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # (b, s, nkv, d)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # (b, s, nkv, d)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(
-            q,
-            k,
-            v,
-            cu_seqlens=cu_seqlens,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=self.head_dim**-0.5,
-        )  # (b, s, nh, d)
+        if cache is not None:
+            # Inference: store k, v in the KV cache and attend over the row's cached tokens.
+            out = cache.update_and_attend(q, k, v, scale=self.head_dim**-0.5)  # (b, s, nh, d)
+        else:
+            out = attention(
+                q,
+                k,
+                v,
+                cu_seqlens=cu_seqlens,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                scale=self.head_dim**-0.5,
+            )  # (b, s, nh, d)
         out = self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # (b, s, h)
         # Seed-OSS drops out the attention branch before the residual add (0.0 for Qwen2).
         return F.dropout(out, p=self.residual_dropout, training=self.training)
@@ -149,9 +160,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -170,8 +186,14 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         # input_ids (b, s) -> final normalised hidden states (b, s, h)
+        if cache is not None:
+            # Picks the cache slots of these tokens; their positions continue each cached row.
+            cache_positions = cache.reserve(input_ids, cu_seqlens)
+            if position_ids is None:
+                position_ids = cache_positions
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = position_ids_from_cu_seqlens(cu_seqlens)
@@ -181,8 +203,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (b, s, h)
         # One cos/sin table for all layers, as HF.
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (b, s, d) each
-        for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cu_seqlens, None if cache is None else cache.layer(i))
         return self.norm(x)
 
 
@@ -233,6 +255,7 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         return_hidden: bool = False,
         targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """input_ids (b, s) -> logits (b, s, v), or the final normed hidden states (b, s, h) when
         ``return_hidden``.
@@ -244,8 +267,15 @@ class CausalLM(nn.Module):
 
         position_ids (b, s) default to 0..s-1 per row, or restart per sample when ``cu_seqlens``
         (packed row, b == 1; see ``attention.py``) is given.
+
+        With a ``cache`` (inference, eval mode; see ``kv_cache.py``): a packed row with
+        ``cu_seqlens`` prefills an empty cache, sample j into cache row j; otherwise row i's
+        tokens are appended to cache row i and attend over everything cached before them.
+        position_ids then default to each row's cached length onwards.
         """
-        hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        if cache is not None and (self.training or targets is not None):
+            raise ValueError("the KV cache is for inference: call model.eval() and pass no targets")
+        hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, cache=cache)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         if return_hidden:

@@ -1,0 +1,368 @@
+"""Aggregate eval summaries by condition over seeds, as the paper's tables do.
+
+    python -m evals.report SUMMARY_JSONS_OR_DIRS... [--compare-paper] [--plots DIR] \
+        [--group-by condition] [--pair-by seed] [--baseline NAME | --diff A:B ...] [--json FILE]
+
+Input: the `*_summary.json` files the evals write (directories are searched recursively). Each
+summary belongs to a table by its eval (`truthfulqa` per mode, `self_recognition` per dataset), to
+a row by its condition (the `--condition condition=...` metadata given to the eval; without it,
+the model and adapter directory names), and is one replicate, identified by its `seed`
+condition (`--condition seed=0`). Two summaries of the same table, condition and seed are refused
+(they would be counted twice).
+
+Per condition and metric: n, mean, sample standard deviation (n-1; undefined for one run), and a
+95% bootstrap interval of the mean (percentile method, resampling seeds with replacement,
+`--bootstrap-samples` draws from a generator seeded by `--bootstrap-seed`: reruns give the same
+interval; with five seeds it is coarse). Paired differences between conditions use only the
+seeds both have, difference per seed, with the same statistics; by default every pair of
+conditions in a table, or each condition against `--baseline`, or the pairs given with `--diff`.
+
+`--compare-paper`: the paper's published per-condition means of binary TruthfulQA
+(`evals/data/paper_truthfulqa_binary.csv`) go next to ours. A condition matches when its name
+equals a paper condition name exactly (e.g. `hf_qwen_32b_em_unpop_sgtr`: name your runs with
+`--condition condition=hf_qwen_32b_em_unpop_sgtr` to line them up), or through `--paper-name
+OURS=PAPERS` (repeatable). The paper's accuracy was scored the paper's way, so it is placed next
+to our `paper_accuracy` (and its invalid rate next to our `paper_invalid_rate`), not next to the
+robust accuracy.
+
+`--plots DIR`: a bar chart per table (mean with the bootstrap interval; the paper's mean as a
+marker where matched) when matplotlib is importable; otherwise a note and no plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from evals import EvalInputError, atomic_write_json, one_line
+
+PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_truthfulqa_binary.csv"
+SUMMARY_GLOB = "*_summary.json"
+
+METRICS = {
+    "truthfulqa": ("accuracy", "paper_accuracy", "invalid_rate", "paper_invalid_rate", "position_bias"),
+    "self_recognition": ("accuracy", "both_orders_accuracy", "position_bias", "invalid_rate"),
+}
+
+
+# ------------------------------------------------------------------------------------ stats
+def bootstrap_ci(values, *, seed: int = 0, samples: int = 10000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (seeded, so reproducible)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap of no values")
+    if x.size == 1:
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(samples, x.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def describe(values, *, seed: int = 0, samples: int = 10000) -> dict:
+    """n, mean, sample std (None for n < 2), 95% bootstrap interval of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    lo, hi = bootstrap_ci(x, seed=seed, samples=samples)
+    return {
+        "n": int(x.size),
+        "mean": float(x.mean()),
+        "std": float(x.std(ddof=1)) if x.size > 1 else None,
+        "ci95": [lo, hi],
+    }
+
+
+def paired_difference(a: dict, b: dict, *, seed: int = 0, samples: int = 10000) -> dict | None:
+    """Statistics of a[s] - b[s] over the seeds s both have (None when they share none)."""
+    common = sorted(set(a) & set(b), key=_seed_sort_key)
+    if not common:
+        return None
+    out = describe([a[s] - b[s] for s in common], seed=seed, samples=samples)
+    out["seeds"] = common
+    return out
+
+
+def _seed_sort_key(s) -> tuple:
+    text = str(s)
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+
+
+# --------------------------------------------------------------------------------- loading
+def find_summaries(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob(SUMMARY_GLOB))
+            if not found:
+                raise EvalInputError(f"no {SUMMARY_GLOB} files under {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EvalInputError(f"not found: {p}")
+    return files
+
+
+def load_summary(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalInputError(f"{path}: not a summary JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("eval") not in METRICS:
+        raise EvalInputError(f"{path}: not an eval summary (no 'eval' of {', '.join(METRICS)})")
+    data["_path"] = str(path)
+    return data
+
+
+def table_name(summary: dict) -> str:
+    if summary["eval"] == "truthfulqa":
+        return f"truthfulqa ({summary.get('mode', '?')})"
+    return f"self_recognition ({summary.get('dataset', '?')}, vs {summary.get('other', '?')})"
+
+
+def condition_label(summary: dict, group_by: str) -> str:
+    cond = summary.get("condition") or {}
+    if group_by in cond:
+        return str(cond[group_by])
+    parts = [Path(str(summary.get("model", "?"))).name] + [Path(a).name for a in summary.get("adapters") or []]
+    return "+".join(parts)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: dict = field(default_factory=dict)  # replicate id -> summary
+
+
+def group_summaries(summaries: list[dict], *, group_by: str = "condition", pair_by: str = "seed") -> dict[str, dict[str, Group]]:
+    """{table: {condition label: Group}}; replicates keyed by the `pair_by` condition value
+    (or, without one, by file, so they are never paired)."""
+    tables: dict[str, dict[str, Group]] = {}
+    for s in summaries:
+        groups = tables.setdefault(table_name(s), {})
+        label = condition_label(s, group_by)
+        g = groups.setdefault(label, Group(label))
+        cond = s.get("condition") or {}
+        rep = str(cond[pair_by]) if pair_by in cond else f"file:{s['_path']}"
+        if rep in g.runs:
+            raise EvalInputError(
+                f"two summaries for {table_name(s)}, condition {label!r}, {pair_by} {rep}: "
+                f"{g.runs[rep]['_path']} and {s['_path']}"
+            )
+        g.runs[rep] = s
+    return tables
+
+
+def load_paper_means(path: Path = PAPER_CSV) -> dict[str, dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {
+        r["condition"]: {
+            "n_seeds": int(r["n_seeds"]),
+            "accuracy_mean": float(r["accuracy_mean"]),
+            "accuracy_sd": float(r["accuracy_sd"]),
+            "invalid_rate_mean": float(r["invalid_rate_mean"]),
+        }
+        for r in rows
+    }
+
+
+# ------------------------------------------------------------------------------- aggregate
+def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: int = 10000,
+              baseline: str | None = None, diffs: list[tuple[str, str]] | None = None,
+              paper: dict[str, dict] | None = None, paper_names: dict[str, str] | None = None) -> dict:
+    out: dict = {}
+    for table, groups in tables.items():
+        kind = table.split(" ", 1)[0]
+        rows = []
+        for label, g in groups.items():
+            row: dict = {"condition": label, "seeds": sorted(g.runs, key=_seed_sort_key), "metrics": {}}
+            for metric in METRICS[kind]:
+                vals = [s.get(metric) for s in g.runs.values()]
+                vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+                if vals:
+                    row["metrics"][metric] = describe(vals, seed=seed, samples=samples)
+            if paper is not None and kind == "truthfulqa":
+                name = (paper_names or {}).get(label, label)
+                if name in paper:
+                    row["paper"] = {"condition": name, **paper[name]}
+            rows.append(row)
+        # Paired differences of the headline metric.
+        labels = list(groups)
+        if diffs:
+            pairs = [(a, b) for a, b in diffs if a in groups and b in groups]
+        elif baseline is not None:
+            pairs = [(a, baseline) for a in labels if a != baseline] if baseline in groups else []
+        else:
+            pairs = list(combinations(labels, 2))
+        differences = []
+        for a, b in pairs:
+            va = {k: s["accuracy"] for k, s in groups[a].runs.items() if isinstance(s.get("accuracy"), (int, float))}
+            vb = {k: s["accuracy"] for k, s in groups[b].runs.items() if isinstance(s.get("accuracy"), (int, float))}
+            d = paired_difference(va, vb, seed=seed, samples=samples)
+            differences.append({"a": a, "b": b, "metric": "accuracy", **(d or {"n": 0})})
+        out[table] = {"rows": rows, "differences": differences}
+    return out
+
+
+# ---------------------------------------------------------------------------------- output
+def _f(x, width: int = 6) -> str:
+    return "-".rjust(width) if x is None else f"{x:.4f}".rjust(width)
+
+
+def format_report(agg: dict, *, compare_paper: bool = False) -> str:
+    lines: list[str] = []
+    for table, data in agg.items():
+        kind = table.split(" ", 1)[0]
+        lines.append(f"== {table} ==")
+        width = max([len("condition")] + [len(r["condition"]) for r in data["rows"]])
+        head = f"{'condition'.ljust(width)}  {'n':>2}  {'accuracy':>8}  {'sd':>6}  {'95% CI':>17}"
+        extra = [m for m in METRICS[kind] if m != "accuracy"]
+        head += "".join(f"  {m:>{max(8, len(m))}}" for m in extra)
+        if compare_paper and kind == "truthfulqa":
+            head += f"  {'paper acc':>9}  {'paper sd':>8}  {'paper inv':>9}  {'ours-paper':>10}"
+        lines.append(head)
+        for r in data["rows"]:
+            acc = r["metrics"].get("accuracy")
+            line = f"{r['condition'].ljust(width)}  {len(r['seeds']):>2}  "
+            if acc:
+                line += f"{_f(acc['mean'], 8)}  {_f(acc['std'])}  [{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]"
+            else:
+                line += f"{'-':>8}  {'-':>6}  {'-':>17}"
+            for m in extra:
+                d = r["metrics"].get(m)
+                line += f"  {_f(d['mean'] if d else None, max(8, len(m)))}"
+            if compare_paper and kind == "truthfulqa":
+                p = r.get("paper")
+                ours = r["metrics"].get("paper_accuracy")
+                if p:
+                    delta = ours["mean"] - p["accuracy_mean"] if ours else None
+                    line += f"  {_f(p['accuracy_mean'], 9)}  {_f(p['accuracy_sd'], 8)}  {_f(p['invalid_rate_mean'], 9)}  {_f(delta, 10)}"
+                else:
+                    line += f"  {'(no match)':>9}"
+            lines.append(line)
+        if data["differences"]:
+            lines.append("paired differences of accuracy (a - b, same seeds):")
+            for d in data["differences"]:
+                if not d.get("n"):
+                    lines.append(f"  {d['a']} - {d['b']}: no common seeds")
+                    continue
+                sd = "-" if d["std"] is None else f"{d['std']:.4f}"
+                lines.append(
+                    f"  {d['a']} - {d['b']}: {d['mean']:+.4f} (sd {sd}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], "
+                    f"{d['n']} seed(s): {', '.join(map(str, d['seeds']))})"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_plots(agg: dict, out_dir: Path) -> list[Path] | None:
+    """One bar chart per table; None (and nothing written) when matplotlib is not importable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table, data in agg.items():
+        rows = [r for r in data["rows"] if "accuracy" in r["metrics"]]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 4))
+        xs = np.arange(len(rows))
+        means = [r["metrics"]["accuracy"]["mean"] for r in rows]
+        lo = [m - r["metrics"]["accuracy"]["ci95"][0] for m, r in zip(means, rows)]
+        hi = [r["metrics"]["accuracy"]["ci95"][1] - m for m, r in zip(means, rows)]
+        ax.bar(xs, means, yerr=[lo, hi], capsize=3, color="tab:blue", label="ours (mean, 95% CI)")
+        paper_x = [x for x, r in zip(xs, rows) if "paper" in r]
+        if paper_x:
+            ax.scatter(paper_x, [r["paper"]["accuracy_mean"] for r in rows if "paper" in r], color="tab:red",
+                       marker="D", zorder=3, label="paper (published mean)")
+        ax.set_xticks(xs, [r["condition"] for r in rows], rotation=45, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(table)
+        ax.legend(loc="lower right", fontsize="small")
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in table).strip("_")
+        path = out_dir / f"{safe}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals.report", description="Aggregate eval summaries by condition over seeds.")
+    p.add_argument("paths", nargs="+", help="summary JSON files or directories holding them")
+    p.add_argument("--group-by", default="condition", help="condition key naming a row (default: condition)")
+    p.add_argument("--pair-by", default="seed", help="condition key identifying a replicate (default: seed)")
+    p.add_argument("--baseline", default=None, help="paired differences of every condition against this one")
+    p.add_argument("--diff", action="append", default=[], metavar="A:B", help="a paired difference A - B to report (repeatable)")
+    p.add_argument("--compare-paper", action="store_true", help="put the paper's published TruthfulQA means next to ours")
+    p.add_argument("--paper-name", action="append", default=[], metavar="OURS=PAPERS", help="map a condition to a paper condition name")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write bar charts here (needs matplotlib)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the aggregate as JSON")
+    p.add_argument("--bootstrap-samples", type=int, default=10000)
+    p.add_argument("--bootstrap-seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.bootstrap_samples < 1:
+        raise EvalInputError("--bootstrap-samples must be positive")
+    diffs = []
+    for d in args.diff:
+        a, sep, b = d.partition(":")
+        if not sep or not a or not b:
+            raise EvalInputError(f"--diff expects A:B, got {d!r}")
+        diffs.append((a, b))
+    paper_names = {}
+    for item in args.paper_name:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours or not theirs:
+            raise EvalInputError(f"--paper-name expects OURS=PAPERS, got {item!r}")
+        paper_names[ours] = theirs
+    summaries = [load_summary(p) for p in find_summaries(args.paths)]
+    tables = group_summaries(summaries, group_by=args.group_by, pair_by=args.pair_by)
+    paper = load_paper_means() if args.compare_paper else None
+    if paper is not None:
+        unknown = sorted(set(paper_names.values()) - set(paper))
+        if unknown:
+            raise EvalInputError(f"--paper-name: no paper condition(s) {', '.join(unknown)} in {PAPER_CSV.name}")
+    agg = aggregate(tables, seed=args.bootstrap_seed, samples=args.bootstrap_samples, baseline=args.baseline,
+                    diffs=diffs, paper=paper, paper_names=paper_names)
+    print(format_report(agg, compare_paper=args.compare_paper), end="")
+    if args.json:
+        atomic_write_json(args.json, agg)
+    if args.plots:
+        written = write_plots(agg, Path(args.plots))
+        if written is None:
+            print("note: matplotlib is not importable; no plots written", file=sys.stderr)
+        else:
+            print(f"plots: {', '.join(map(str, written)) or 'none'}", file=sys.stderr)
+    return 0
+
+
+def _run(argv: list[str] | None = None) -> int:
+    try:
+        return main(argv)
+    except EvalInputError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_run())
