@@ -1,33 +1,491 @@
-"""Linear + cross-entropy: loss = CE(hidden @ weightᵀ, targets), summed over trained rows.
+"""Linear + cross-entropy: loss = CE(hidden @ weightᵀ, targets) without the (tokens × vocab) logits.
 
-The single dispatch point the model calls for its training loss. Today it holds the pure-torch
-reference; the fused Triton kernel (chunked online log-sum-exp, no (tokens × vocab) logits)
-plugs in here.
+The single dispatch point the model calls for its training loss (``CausalLM.forward(targets=...)``
+returns ``linear_cross_entropy(hidden, lm_head.weight, targets)``: the fp32 *sum* of the token
+losses). Four layers, top to bottom in this file as in Liger-Kernel / flash-attention:
 
-Rows whose target is IGNORE_INDEX cost nothing: they are dropped before the LM-head matmul.
-For the paper's self-recognition data (~2 trained tokens of ~700) that is most of the work.
+1. ``_lce_rows_kernel``, ``_scale_kernel``: Triton kernels.
+2. ``linear_cross_entropy_forward`` / ``linear_cross_entropy_backward``: host functions that
+   chunk the work and launch the kernels.
+3. ``LinearCrossEntropyFunction``: the ``torch.autograd.Function``.
+4. ``linear_cross_entropy``: the functional API and the dispatch point — the Triton path when
+   ``kernels.backend.use_triton(hidden, weight)`` (by default: CUDA tensors), else the pure-torch
+   reference ``linear_cross_entropy_ref``, which is also the tests' oracle and the CPU path.
+
+Design (Triton path). Rows whose target is ``ignore_index`` cost nothing: the trained rows are
+gathered first (``index_select``; skipped when every row is trained), so the work scales with
+trained tokens — for the paper's self-recognition data (~2 trained tokens of ~700) that is most of
+it. The N trained rows are processed in chunks of C rows; per chunk:
+
+    logits = h_c @ Wᵀ            torch (cuBLAS) matmul, fp32 accumulation, written in the
+                                 activation dtype into one reused (C, V) buffer — the same
+                                 rounding as the reference and as HF (bf16 logits, then fp32 loss)
+    _lce_rows_kernel             one program per row: pass 1 streams the row in BLOCK_V blocks
+                                 with an online (max, sum-exp) log-sum-exp in fp32, the target
+                                 logit and the argmax; pass 2 overwrites the row in place with
+                                 d loss / d logits = softmax·(1 + 2·z·lse) − onehot (times the
+                                 softcap derivative), computed in fp32 and rounded once
+    d_h[c] = dlogits @ W         torch matmul; d_W += dlogitsᵀ @ h_c (fp32) only when W
+                                 requires grad — for LoRA (frozen lm_head) that GEMM never runs
+
+The loss is a scalar, so its gradient is computed during the forward (as Liger does) and the
+backward only scales it by grad_output (``_scale_kernel``, fp32 multiply, one rounding). Extra
+device memory is the (C, V) buffer — C is chosen so it stays ≤ ``CHUNK_BYTES`` (96 MiB: 256 rows
+at V = 152,064 in bf16) — plus d_h (N, H) in the activation dtype and the gathered rows (N, H);
+at N = 4096, H = 5120, V = 152,064 that is ≈ 0.15 GiB in all (no (N, V) tensor is ever made).
+Row offsets in the kernels are int64 (``tl.program_id(0).to(tl.int64) * stride``): with a larger
+``chunk_rows`` a buffer passes 2³¹ elements at ~14k rows of V = 152,064.
+
+Targets outside [0, V) (other than ``ignore_index``) make the Triton path's loss NaN (no host
+sync to check them; the trainer stops on a non-finite loss); the reference raises.
+
+On CPU tensors the Triton path runs only under the Triton interpreter, i.e. with
+``TRITON_INTERPRET=1`` set before triton is first imported (triton reads it when its own
+``@triton.jit`` functions are defined); otherwise it refuses with a clear message.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
+
+from kernels.backend import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path still works
+    triton = None
 
 IGNORE_INDEX = -100
+CHUNK_BYTES = 96 * 2**20  # bound of the (rows × vocab) logits buffer of one chunk
+MAX_CHUNK_ROWS = 8192
+DEFAULT_BLOCK_V = 4096
 
 
-def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token losses over rows with a target, in fp32.
+class LinearCrossEntropyOutput(NamedTuple):
+    """What ``return_per_token=True`` returns. All but ``loss`` are detached and shaped like targets."""
 
-    hidden (..., h), weight (v, h), targets (...) with IGNORE_INDEX for untrained rows.
-    Returns a 0-dim fp32 tensor (0.0, still attached to the graph, when no row is trained).
+    loss: torch.Tensor  # 0-dim fp32, reduced as asked; the only differentiable output
+    token_loss: torch.Tensor  # fp32 loss of every position (incl. the z-loss term), 0 where ignored
+    argmax: torch.Tensor  # int64 argmax token of every position, ignore_index where ignored
+    correct: torch.Tensor  # bool, argmax == target at trained positions, False where ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # tanh from exp (portable: CUDA and the interpreter); saturates to ±1, absolute error ~1e-7.
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _lce_rows_kernel(
+        logits_ptr,  # (rows, V) activation dtype; overwritten with d loss_row / d logits if WRITE_GRAD
+        stride_row,
+        targets_ptr,  # (rows,) int64, all trained (gathered by the host)
+        loss_ptr,  # (rows,) fp32 out: lse - logit[target] (+ z_loss · lse²)
+        argmax_ptr,  # (rows,) int64 out, if WRITE_ARGMAX
+        V,
+        z_loss,
+        softcap,
+        BLOCK_V: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_Z_LOSS: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        WRITE_ARGMAX: tl.constexpr,
+    ):
+        # int64 row offset: rows * V passes 2**31 at ~14k rows of a 152k vocabulary.
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        cols = tl.arange(0, BLOCK_V)
+
+        # Pass 1: online log-sum-exp (running max m, running sum d of exp(x - m)) and argmax, fp32.
+        m = float("-inf")
+        d = 0.0
+        best = 0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+            block_max = tl.max(x, 0)
+            if WRITE_ARGMAX:
+                # strict >: the first maximum wins, as torch.argmax
+                best = tl.where(block_max > m, start + tl.argmax(x, 0), best)
+            m_new = tl.maximum(m, block_max)
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(d)
+
+        valid = (target >= 0) & (target < V)
+        x_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_t = softcap * _tanh(x_t / softcap)
+        loss = lse - x_t
+        if HAS_Z_LOSS:
+            loss += z_loss * lse * lse
+        tl.store(loss_ptr + row, tl.where(valid, loss, float("nan")))
+        if WRITE_ARGMAX:
+            tl.store(argmax_ptr + row, best.to(tl.int64))
+
+        # Pass 2: d loss / d logits, in fp32, rounded once into the buffer.
+        if WRITE_GRAD:
+            coef = 1.0
+            if HAS_Z_LOSS:
+                coef = 1.0 + 2.0 * z_loss * lse  # d(z·lse²)/dx_j = 2·z·lse·softmax_j
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = offs < V
+                x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    t = _tanh(x / softcap)
+                    x = softcap * t
+                g = tl.exp(x - lse) * coef
+                g = tl.where(offs == target, g - 1.0, g)
+                if HAS_SOFTCAP:
+                    g = g * (1.0 - t * t)  # d(cap·tanh(x/cap))/dx
+                tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scale_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        # dst = src * scale, multiplied in fp32 and rounded once (scale: a 0-dim fp32 tensor)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr).to(tl.float32)
+        tl.store(dst_ptr + offs, (x * s).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def interpreting() -> bool:
+    """Whether this process's Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_lce_rows_kernel, InterpretedFunction) and isinstance(tl.max, InterpretedFunction)
+
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("the Triton path of linear_cross_entropy needs triton (pip install triton)")
+    if t.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "Triton kernels run on CPU tensors only under the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported, or use the reference (kernels.backend.force('reference'))"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Host functions
+# ---------------------------------------------------------------------------------------------
+
+
+def chunk_rows_for(n: int, vocab: int, dtype: torch.dtype, chunk_rows: int | None = None) -> int:
+    """Rows per chunk: the (rows, vocab) buffer stays ≤ CHUNK_BYTES, rows a multiple of 128 where
+    possible (whole GEMM tiles), chunks balanced so the last one is not a sliver."""
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
+        return max(1, min(chunk_rows, n))
+    cap = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+    cap = min(cap // 128 * 128 if cap >= 128 else cap, MAX_CHUNK_ROWS)
+    if n <= cap:
+        return max(n, 1)
+    rows = math.ceil(n / math.ceil(n / cap))
+    if cap >= 128:
+        rows = min(math.ceil(rows / 128) * 128, cap)
+    return rows
+
+
+_ADDMM_FP32_OUT = True  # torch.addmm(..., out_dtype=float32) on CUDA; turned off if unsupported
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for half-precision a, b, accumulating in fp32 without a (V, H) temporary."""
+    global _ADDMM_FP32_OUT
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _ADDMM_FP32_OUT:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_FP32_OUT = False
+    acc.addmm_(a.float(), b.float())
+
+
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    grad_hidden: bool = True,
+    grad_weight: bool = False,
+    want_argmax: bool = False,
+    chunk_rows: int | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row losses (and gradients of their *sum*) of the trained rows, chunk by chunk.
+
+    hidden (N, H) and targets (N,) hold only trained rows; weight (V, H). Returns
+    ``(row_loss fp32 (N,), argmax int64 (N,) | None, d_hidden (N, H) hidden.dtype | None,
+    d_weight (V, H) fp32 | None)``.
     """
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # (n, h)
-    targets = targets.reshape(-1)  # (n,)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    logits = hidden.index_select(0, rows) @ weight.t()  # (trained, v) in the activation dtype
-    return F.cross_entropy(logits.float(), targets.index_select(0, rows), reduction="sum")
+    _check_runnable(hidden)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    hidden = hidden.contiguous()
+    targets = targets.contiguous().long()
+    row_loss = torch.empty(n, device=device, dtype=torch.float32)
+    argmax = torch.empty(n, device=device, dtype=torch.int64) if want_argmax else None
+    d_hidden = torch.empty(n, h, device=device, dtype=dtype) if grad_hidden else None
+    d_weight = torch.zeros(v, h, device=device, dtype=torch.float32) if grad_weight else None
+    if n == 0:
+        return row_loss, argmax, d_hidden, d_weight
+
+    rows = chunk_rows_for(n, v, dtype, chunk_rows)
+    block = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(v))
+    if block & (block - 1):
+        raise ValueError(f"block_v must be a power of 2, got {block}")
+    num_warps = 8 if block >= 2048 else 4
+    buffer = torch.empty(rows, v, device=device, dtype=dtype)
+    write_grad = grad_hidden or grad_weight
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h_c = hidden[start:end]
+        logits = buffer[: end - start]
+        torch.mm(h_c, weight.t(), out=logits)
+        _lce_rows_kernel[(end - start,)](
+            logits, logits.stride(0), targets[start:end], row_loss[start:end],
+            argmax[start:end] if want_argmax else row_loss,  # unused pointer when not WRITE_ARGMAX
+            v, float(z_loss), float(softcap or 1.0),
+            BLOCK_V=block, HAS_SOFTCAP=softcap is not None, HAS_Z_LOSS=z_loss != 0.0,
+            WRITE_GRAD=write_grad, WRITE_ARGMAX=want_argmax, num_warps=num_warps,
+        )
+        if grad_hidden:
+            torch.mm(logits, weight, out=d_hidden[start:end])
+        if grad_weight:
+            _addmm_fp32_(d_weight, logits.t(), h_c)
+    return row_loss, argmax, d_hidden, d_weight
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return linear_cross_entropy_ref(hidden, weight, targets)
+def linear_cross_entropy_backward(
+    grad_output: torch.Tensor,
+    d_hidden: torch.Tensor | None,
+    d_weight: torch.Tensor | None,
+    weight_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Scale the gradients stored by the forward by grad_output (a 0-dim tensor), in fp32."""
+    scale = grad_output.detach().reshape(()).to(torch.float32).contiguous()
+    if d_hidden is not None:
+        scale = scale.to(d_hidden.device)
+    grad_hidden = None
+    if d_hidden is not None:
+        grad_hidden = torch.empty_like(d_hidden)
+        n = d_hidden.numel()
+        if n:
+            _check_runnable(d_hidden)
+            block = 4096
+            _scale_kernel[(triton.cdiv(n, block),)](d_hidden, grad_hidden, scale, n, BLOCK=block)
+    grad_weight = None
+    if d_weight is not None:
+        grad_weight = (d_weight * scale).to(weight_dtype)
+    return grad_hidden, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Autograd function
+# ---------------------------------------------------------------------------------------------
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """(hidden (N, H) trained rows, weight (V, H), targets (N,)) -> (sum of row losses, row_loss,
+    argmax); only the sum is differentiable. Gradients are computed in the forward when
+    ``need_grad`` (the caller passes ``torch.is_grad_enabled()``) and the input requires them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_loss, softcap, need_grad, want_argmax, chunk_rows, block_v):
+        row_loss, argmax, d_hidden, d_weight = linear_cross_entropy_forward(
+            hidden, weight, targets, z_loss=z_loss, softcap=softcap,
+            grad_hidden=need_grad and ctx.needs_input_grad[0],
+            grad_weight=need_grad and ctx.needs_input_grad[1],
+            want_argmax=want_argmax, chunk_rows=chunk_rows, block_v=block_v,
+        )
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        if argmax is None:
+            argmax = torch.empty(0, device=hidden.device, dtype=torch.int64)
+        ctx.mark_non_differentiable(row_loss, argmax)
+        return row_loss.sum(), row_loss, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_loss, _grad_argmax):
+        d_hidden, d_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = linear_cross_entropy_backward(grad_loss, d_hidden, d_weight, ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Functional API (the dispatch point) and the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap) -> None:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if normalizer is not None and reduction != "sum":
+        raise ValueError("normalizer divides the sum: use it with reduction='sum'")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., {hidden.shape[-1]}) does not match weight {tuple(weight.shape)}: "
+                         "(vocab, hidden) expected")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be ≥ 0, got {z_loss}")
+
+
+def _select(hidden, targets, ignore_index):
+    """Flatten to (n, H) / (n,) and find the trained rows (one host sync, as the reference always had)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    rows = (targets != ignore_index).nonzero().squeeze(-1)
+    return hidden, targets, rows
+
+
+def _reduce(total, n_trained, reduction, normalizer):
+    if n_trained == 0:  # 0, attached to the graph, whatever the reduction or normaliser
+        return total
+    if normalizer is not None:
+        return total / normalizer
+    if reduction == "mean":
+        return total / n_trained
+    return total
+
+
+def _per_token(loss, shape, targets, rows, row_loss, row_argmax, ignore_index) -> LinearCrossEntropyOutput:
+    n = targets.shape[0]
+    token_loss = torch.zeros(n, device=targets.device, dtype=torch.float32)
+    token_loss.index_copy_(0, rows, row_loss.detach().float())
+    argmax = torch.full((n,), ignore_index, device=targets.device, dtype=torch.int64)
+    argmax.index_copy_(0, rows, row_argmax.detach().long())
+    correct = (argmax == targets) & (targets != ignore_index)
+    return LinearCrossEntropyOutput(loss, token_loss.view(shape), argmax.view(shape), correct.view(shape))
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    reduction: str = "sum",
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_per_token: bool = False,
+    **_tuning,
+):
+    """Pure-torch reference (the tests' oracle and the CPU path); same contract as
+    :func:`linear_cross_entropy`. Materialises the (trained, vocab) logits in the activation dtype
+    and computes the loss in fp32. Tuning keywords of the Triton path (chunk_rows, block_v) are
+    accepted and ignored."""
+    _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap)
+    shape = targets.shape
+    hidden, targets, rows = _select(hidden, targets, ignore_index)
+    trained = targets.index_select(0, rows)
+    logits = (hidden.index_select(0, rows) @ weight.t()).float()  # (trained, v), rounded like the model's
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    row_loss = lse - logits.gather(1, trained.unsqueeze(1)).squeeze(1)
+    if z_loss:
+        row_loss = row_loss + z_loss * lse.square()
+    loss = _reduce(row_loss.sum(), rows.numel(), reduction, normalizer)
+    if not return_per_token:
+        return loss
+    return _per_token(loss, shape, targets, rows, row_loss, logits.detach().argmax(-1), ignore_index)
+
+
+@torch.compiler.disable
+def _linear_cross_entropy_triton(hidden, weight, targets, *, reduction, normalizer, ignore_index, z_loss, softcap,
+                                 return_per_token, chunk_rows, block_v):
+    shape = targets.shape
+    hidden, targets, rows = _select(hidden, targets, ignore_index)
+    n_trained = rows.numel()
+    if n_trained == 0:
+        # Nothing trained: 0, attached to the graph (zero gradients), no kernel launched.
+        loss = hidden.reshape(-1)[:0].float().sum() + weight.reshape(-1)[:0].float().sum()
+        if not return_per_token:
+            return loss
+        empty = torch.empty(0, device=hidden.device)
+        return _per_token(loss, shape, targets, rows, empty, empty.long(), ignore_index)
+    if n_trained == targets.shape[0]:
+        trained_hidden, trained = hidden, targets  # every row trained: no gather copy
+    else:
+        trained_hidden, trained = hidden.index_select(0, rows), targets.index_select(0, rows)
+    total, row_loss, argmax = LinearCrossEntropyFunction.apply(
+        trained_hidden, weight, trained, float(z_loss), softcap, torch.is_grad_enabled(), return_per_token,
+        chunk_rows, block_v,
+    )
+    loss = _reduce(total, n_trained, reduction, normalizer)
+    if not return_per_token:
+        return loss
+    return _per_token(loss, shape, targets, rows, row_loss, argmax, ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    reduction: str = "sum",
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_per_token: bool = False,
+    chunk_rows: int | None = None,
+    block_v: int | None = None,
+):
+    """Cross-entropy of ``hidden @ weightᵀ`` against ``targets``, in fp32, without the logits.
+
+    hidden (..., H) and weight (V, H) of one dtype; targets (...) token ids, ``ignore_index`` where
+    untrained (those rows cost nothing). Per trained row: ``lse − logit[target] + z_loss · lse²``,
+    logits first soft-capped to ``softcap · tanh(logits / softcap)`` when ``softcap`` is given.
+
+    Reduction: ``"sum"`` (default: what the model returns; the trainer divides by its step-wide
+    count), ``"mean"`` (over trained rows), or ``normalizer=`` (float or tensor): sum / normalizer.
+    No trained row: 0 (never NaN), attached to the graph.
+
+    Returns the 0-dim fp32 loss, or with ``return_per_token=True`` a
+    :class:`LinearCrossEntropyOutput` (loss, token_loss, argmax, correct; the last three detached,
+    shaped like targets). ``chunk_rows`` / ``block_v`` tune the Triton path (tests pass small ones).
+
+    Dispatch: the Triton path when ``kernels.backend.use_triton(hidden, weight)`` — by default for
+    CUDA tensors — else :func:`linear_cross_entropy_ref`.
+    """
+    _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap)
+    kwargs = dict(reduction=reduction, normalizer=normalizer, ignore_index=ignore_index, z_loss=z_loss,
+                  softcap=softcap, return_per_token=return_per_token)
+    if use_triton(hidden, weight):
+        return _linear_cross_entropy_triton(hidden, weight, targets, chunk_rows=chunk_rows, block_v=block_v, **kwargs)
+    return linear_cross_entropy_ref(hidden, weight, targets, **kwargs)

@@ -1,0 +1,396 @@
+"""Fused linear cross-entropy (kernels/cross_entropy.py): the Triton path against the torch fp32 reference.
+
+Without a GPU the Triton path runs under the Triton interpreter on tiny shapes. The interpreter must
+be switched on (TRITON_INTERPRET=1) before triton is first imported: triton reads it when its own
+``@triton.jit`` library functions (tl.max, tl.sum, ...) are defined. In a full-suite run another
+test module has imported triton long before this one (engine.models imports this kernel module),
+so the interpreted tests (``test_interp_*``) then run in one child pytest process with
+TRITON_INTERPRET=1 in its environment only (``test_triton_path_in_subprocess``); nothing else in
+the suite sees the setting. Run alone on a machine without CUDA, this module is the first to import
+triton and interprets in-process. ``test_gpu_*`` need CUDA (compiled kernels, bf16 at real sizes).
+
+Tolerances: fp32 ≤ 1e-5 relative. Half precision follows flash-attention's rule: the kernel's
+error against the fp32 reference must be at most ~2× the error of the reference itself computed
+in that half dtype (plus fixed caps: fp16 loss ≤ 1e-3, grads ≤ 1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    # First importer of triton on a CPU-only machine: Triton can only interpret here anyway.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import backend  # noqa: E402
+from kernels import cross_entropy as ce  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETING = ce.interpreting()
+CUDA = torch.cuda.is_available()
+
+interp = pytest.mark.skipif(
+    not INTERPRETING, reason="triton was imported without TRITON_INTERPRET=1: run by test_triton_path_in_subprocess"
+)
+gpu = pytest.mark.skipif(not CUDA or INTERPRETING, reason="needs a CUDA GPU and compiled (not interpreted) kernels")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(n=29, h=48, v=203, dtype=torch.float32, ignored=0.3, seed=0, device="cpu", scale=0.5):
+    """hidden (n, h), weight (v, h), targets (n,) with about `ignored` of them IGNORE_INDEX."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * scale
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignored] = ce.IGNORE_INDEX
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+def run(path, hidden, weight, targets, *, weight_grad=False, upcast=False, **kw):
+    """(loss or output, hidden.grad, weight.grad) of one forward + backward on `path`."""
+    h = hidden.detach().clone()
+    w = weight.detach().clone()
+    if upcast:
+        h, w = h.float(), w.float()
+    h.requires_grad_(True)
+    w.requires_grad_(weight_grad)
+    with backend.force(path):
+        out = ce.linear_cross_entropy(h, w, targets, **kw)
+    loss = out.loss if isinstance(out, ce.LinearCrossEntropyOutput) else out
+    loss.backward()
+    return out, h.grad, w.grad
+
+
+def assert_close(got, want, tol, what=""):
+    (lg, hg, wg), (lw, hw, ww) = got, want
+    lg = lg.loss if isinstance(lg, ce.LinearCrossEntropyOutput) else lg
+    lw = lw.loss if isinstance(lw, ce.LinearCrossEntropyOutput) else lw
+    assert lg.dtype == torch.float32 and lg.dim() == 0
+    assert rel(lg, lw) <= tol, f"{what} loss {lg.item()} vs {lw.item()}"
+    assert rel(hg, hw) <= tol, f"{what} hidden grad rel {rel(hg, hw)}"
+    assert (wg is None) == (ww is None)
+    if ww is not None:
+        assert rel(wg, ww) <= tol, f"{what} weight grad rel {rel(wg, ww)}"
+
+
+# --- the Triton path under the interpreter ---------------------------------------------------------------
+
+
+@interp
+@pytest.mark.parametrize(
+    ("n", "v", "chunk_rows", "block_v", "weight_grad"),
+    [
+        (24, 203, 8, 128, False),  # several chunks (8, 8, ~2 trained rows), V not a multiple of the block
+        (24, 203, 8, 128, True),  # W requires grad: fp32-accumulated over the chunks
+        (1, 97, None, 64, True),  # N = 1
+        (17, 256, 32, 256, False),  # one chunk, one block exactly
+    ],
+)
+def test_interp_fp32_matches_reference(n, v, chunk_rows, block_v, weight_grad):
+    hidden, weight, targets = make(n=n, v=v)
+    kw = dict(weight_grad=weight_grad, chunk_rows=chunk_rows, block_v=block_v)
+    assert_close(run("triton", hidden, weight, targets, **kw), run("reference", hidden, weight, targets, **kw), 1e-5)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interp_half_precision_within_dtype_noise(dtype):
+    # The kernels only load/store half values and compute in fp32 (the GEMMs are torch's), so bf16
+    # works under the interpreter too; the compiled bf16 path is test_gpu_bf16_matches_reference.
+    hidden, weight, targets = make(n=24, v=211, dtype=dtype)
+    kw = dict(weight_grad=True, chunk_rows=8, block_v=128)
+    exact = run("reference", hidden, weight, targets, upcast=True, **kw)  # same inputs, fp32 math
+    ref_half = run("reference", hidden, weight, targets, **kw)
+    got = run("triton", hidden, weight, targets, **kw)
+    caps = {torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}[dtype]
+    for i, cap in ((0, caps[0]), (1, caps[1]), (2, caps[1])):
+        err = rel(got[i], exact[i])
+        noise = rel(ref_half[i], exact[i])
+        assert err <= min(cap, 2 * noise + 1e-6), f"output {i}: kernel {err:.2e}, reference in {dtype} {noise:.2e}"
+
+
+@interp
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_interp_all_rows_ignored(weight_grad):
+    hidden, weight, targets = make(n=6, v=50)
+    targets[:] = ce.IGNORE_INDEX
+    for kw in (dict(), dict(reduction="mean"), dict(normalizer=7.0)):
+        for path in ("triton", "reference"):
+            loss, gh, gw = run(path, hidden, weight, targets, weight_grad=weight_grad, **kw)
+            assert loss.item() == 0.0 and loss.requires_grad, (path, kw)  # 0, never NaN, attached
+            assert torch.equal(gh, torch.zeros_like(gh))
+            assert gw is None if not weight_grad else torch.equal(gw, torch.zeros_like(gw))
+    out, _, _ = run("triton", hidden, weight, targets, return_per_token=True)
+    assert torch.equal(out.token_loss, torch.zeros(6))
+    assert (out.argmax == ce.IGNORE_INDEX).all() and not out.correct.any()
+
+
+@interp
+def test_interp_reductions_and_normalizer():
+    hidden, weight, targets = make(n=21, v=120, ignored=0.5)
+    trained = int((targets != ce.IGNORE_INDEX).sum())
+    kw = dict(chunk_rows=8, block_v=64)
+    total = run("triton", hidden, weight, targets, **kw)
+    for extra, divisor in ((dict(reduction="mean"), trained), (dict(normalizer=37.0), 37.0),
+                           (dict(normalizer=torch.tensor(11.0)), 11.0)):
+        got = run("triton", hidden, weight, targets, **kw, **extra)
+        assert_close(got, run("reference", hidden, weight, targets, **extra), 1e-5, str(extra))
+        assert torch.allclose(got[0], total[0] / divisor, rtol=1e-6)
+        assert torch.allclose(got[1], total[1] / divisor, rtol=1e-5, atol=1e-8)
+
+
+@interp
+@pytest.mark.parametrize("extra", [dict(z_loss=1e-2), dict(softcap=4.0), dict(z_loss=1e-3, softcap=2.5)])
+def test_interp_z_loss_and_softcap(extra):
+    hidden, weight, targets = make(n=19, v=150, scale=1.0)
+    kw = dict(weight_grad=True, chunk_rows=8, block_v=128, **extra)
+    got, want = run("triton", hidden, weight, targets, **kw), run("reference", hidden, weight, targets, **kw)
+    assert_close(got, want, 1e-5, str(extra))
+    plain = run("reference", hidden, weight, targets, weight_grad=True)
+    assert rel(want[0], plain[0]) > 1e-4  # the option really changes the loss being compared
+
+
+@interp
+def test_interp_per_token_loss_and_argmax():
+    hidden, weight, targets = make(n=23, v=130, ignored=0.3)
+    logits = hidden @ weight.t()
+    trained = targets != ce.IGNORE_INDEX
+    first = int(trained.nonzero()[0])
+    targets[first] = logits[first].argmax()  # at least one correct prediction
+    kw = dict(return_per_token=True, chunk_rows=8, block_v=64)
+    got, gh, _ = run("triton", hidden, weight, targets, **kw)
+    want, wh, _ = run("reference", hidden, weight, targets, **kw)
+    assert isinstance(got, ce.LinearCrossEntropyOutput) and got.token_loss.shape == targets.shape
+    assert rel(got.loss, want.loss) <= 1e-5 and rel(gh, wh) <= 1e-5
+    assert torch.allclose(got.token_loss, want.token_loss, rtol=1e-5, atol=1e-6)
+    assert (got.token_loss[~trained] == 0).all()
+    assert torch.allclose(got.token_loss.sum(), got.loss, rtol=1e-6)
+    expected_argmax = torch.where(trained, logits.argmax(-1), ce.IGNORE_INDEX)
+    assert torch.equal(got.argmax, expected_argmax) and torch.equal(want.argmax, expected_argmax)
+    assert torch.equal(got.correct, (expected_argmax == targets) & trained) and got.correct[first]
+    assert not got.token_loss.requires_grad and not got.argmax.requires_grad
+
+
+@interp
+def test_interp_per_token_keeps_leading_shape_and_softcap_argmax():
+    hidden, weight, targets = make(n=24, v=90)
+    out, _, _ = run("triton", hidden.view(2, 12, -1), weight, targets.view(2, 12), return_per_token=True,
+                    softcap=1.5, block_v=64)
+    ref, _, _ = run("reference", hidden.view(2, 12, -1), weight, targets.view(2, 12), return_per_token=True,
+                    softcap=1.5)
+    assert out.token_loss.shape == out.argmax.shape == out.correct.shape == (2, 12)
+    assert torch.equal(out.argmax, ref.argmax)  # tanh is monotonic: softcap keeps the argmax
+
+
+@interp
+def test_interp_frozen_weight_runs_no_weight_gemm(monkeypatch):
+    calls = []
+    real = ce._addmm_fp32_
+    monkeypatch.setattr(ce, "_addmm_fp32_", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, targets = make(n=20, v=80)
+    _, gh, gw = run("triton", hidden, weight, targets, chunk_rows=8, block_v=32)
+    assert gw is None and gh is not None and calls == []  # frozen: W.grad stays None, GEMM never run
+    _, _, gw = run("triton", hidden, weight, targets, weight_grad=True, chunk_rows=8, block_v=32)
+    assert gw is not None and len(calls) == 2  # 2 chunks of trained rows
+
+
+@interp
+def test_interp_no_gradients_computed_without_grad(monkeypatch):
+    seen = []
+    real = ce.linear_cross_entropy_forward
+    monkeypatch.setattr(ce, "linear_cross_entropy_forward", lambda *a, **k: seen.append(k) or real(*a, **k))
+    hidden, weight, targets = make(n=10, v=64)
+    hidden.requires_grad_(True)
+    with torch.no_grad(), backend.force("triton"):
+        loss = ce.linear_cross_entropy(hidden, weight, targets, block_v=32)
+    with backend.force("reference"):
+        want = ce.linear_cross_entropy(hidden.detach(), weight, targets)
+    assert rel(loss, want) <= 1e-5 and not loss.requires_grad
+    assert seen and not seen[0]["grad_hidden"] and not seen[0]["grad_weight"]
+
+
+@interp
+def test_interp_backward_scales_by_grad_output_and_retains_graph():
+    hidden, weight, targets = make(n=12, v=70)
+    h = hidden.clone().requires_grad_(True)
+    with backend.force("triton"):
+        loss = ce.linear_cross_entropy(h, weight, targets, block_v=32)
+    (3.0 * loss).backward(retain_graph=True)
+    first = h.grad.clone()
+    h.grad = None
+    loss.backward()  # the stored gradient was not modified in place by the first backward
+    assert torch.allclose(first, 3.0 * h.grad, rtol=1e-6)
+    _, want, _ = run("reference", hidden, weight, targets)
+    assert rel(h.grad, want) <= 1e-5
+
+
+@interp
+def test_interp_out_of_range_target_is_nan_not_a_crash():
+    hidden, weight, targets = make(n=5, v=40, ignored=0.0)
+    targets[2] = 40
+    with backend.force("triton"):
+        out = ce.linear_cross_entropy(hidden, weight, targets, return_per_token=True, block_v=16)
+    assert out.loss.isnan() and out.token_loss[2].isnan() and out.token_loss[[0, 1, 3, 4]].isfinite().all()
+
+
+@interp
+def test_interp_model_loss_and_grads_match_reference(monkeypatch):
+    from engine.models import CausalLM, ModelArgs
+
+    config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=131, hidden_size=32,
+                  intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  rope_theta=1e6, rms_norm_eps=1e-6, initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(config))
+    model.init_weights()
+    ids = torch.randint(0, 131, (2, 11))
+    targets = torch.randint(0, 131, (2, 11))
+    targets[:, :4] = ce.IGNORE_INDEX
+    results = {}
+    for path in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        # Only the loss takes the Triton path; everything else (attention) keeps its reference.
+        monkeypatch.setattr(ce, "use_triton", lambda *t, _p=path: _p == "triton")
+        loss = model(ids, targets=targets)
+        loss.backward()
+        results[path] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lt, gt), (lr, gr) = results["triton"], results["reference"]
+    assert rel(lt, lr) <= 1e-5
+    for name in gr:
+        assert rel(gt[name], gr[name]) <= 1e-5, name
+
+
+# --- reference semantics and host logic (no kernel) -------------------------------------------------------
+
+
+def test_reference_equals_torch_cross_entropy():
+    hidden, weight, targets = make(n=40, v=100, dtype=torch.bfloat16)
+    logits = (hidden @ weight.t()).float()  # the model's rounding: bf16 logits, fp32 loss
+    with backend.force("reference"):
+        for reduction in ("sum", "mean"):
+            got = ce.linear_cross_entropy(hidden, weight, targets, reduction=reduction)
+            want = torch.nn.functional.cross_entropy(logits, targets, reduction=reduction)
+            assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6)
+
+
+def test_reference_without_trained_rows_is_zero_and_attached():
+    hidden, weight, targets = make(n=4, v=10)
+    targets[:] = ce.IGNORE_INDEX
+    for kw in (dict(), dict(reduction="mean"), dict(normalizer=0.0)):
+        loss, gh, _ = run("reference", hidden, weight, targets, **kw)
+        assert loss.item() == 0.0 and torch.equal(gh, torch.zeros_like(gh))
+
+
+def test_argument_errors():
+    hidden, weight, targets = make(n=4, v=10)
+    for kw, match in ((dict(reduction="none"), "reduction"), (dict(reduction="mean", normalizer=2.0), "normalizer"),
+                      (dict(softcap=0.0), "softcap"), (dict(z_loss=-1.0), "z_loss")):
+        with pytest.raises(ValueError, match=match):
+            ce.linear_cross_entropy(hidden, weight, targets, **kw)
+    with pytest.raises(ValueError, match="dtype|float"):
+        ce.linear_cross_entropy(hidden.double(), weight, targets)
+    with pytest.raises(ValueError, match="targets"):
+        ce.linear_cross_entropy(hidden, weight, targets[:3])
+
+
+def test_chunk_rows_bound_memory_and_balance():
+    # The issue's shape: the (rows, V) logits buffer of a chunk stays ≤ CHUNK_BYTES (< 0.25 GiB in all).
+    v = 152_064
+    rows = ce.chunk_rows_for(4096, v, torch.bfloat16)
+    assert rows % 128 == 0 and rows * v * 2 <= ce.CHUNK_BYTES and rows >= 128
+    assert ce.chunk_rows_for(3072, v, torch.bfloat16) == 256  # 12 equal chunks
+    assert ce.chunk_rows_for(41, v, torch.bfloat16) == 41  # 99% ignored: one chunk
+    assert ce.chunk_rows_for(4096, v, torch.float32) * v * 4 <= ce.CHUNK_BYTES
+    assert ce.chunk_rows_for(100, 50, torch.float32) == 100 and ce.chunk_rows_for(100, 50, torch.float32, 7) == 7
+    n = 1000  # balanced: 4 chunks of ≤ 256, not 3 of 331 and a sliver
+    r = ce.chunk_rows_for(n, v, torch.bfloat16)
+    assert r == 256 and -(-n // r) == 4
+
+
+@pytest.mark.skipif(INTERPRETING or CUDA, reason="checks the refusal without the interpreter on a CPU machine")
+def test_cpu_triton_without_interpreter_refuses_clearly():
+    hidden, weight, targets = make(n=4, v=10)
+    with backend.force("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ce.linear_cross_entropy(hidden, weight, targets)
+
+
+def test_bench_reference_only_runs_on_cpu(tmp_path, capsys):
+    # CI form of `python -m kernels.bench --reference-only --only ce`.
+    from kernels.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--reference-only", "--only", "ce", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    names = {r["name"] for r in rows}
+    assert any("torch" in n for n in names) and any("reference" in n for n in names)
+    assert all(r["ms"] > 0 and r["tflops"] > 0 and isinstance(r["ratios"], dict) for r in rows)
+    assert "ce" in capsys.readouterr().out
+
+
+# --- the child process that runs the interpreted tests ----------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this process already interprets: the test_interp_* tests ran here")
+def test_triton_path_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("ENGINE_KERNELS", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_", str(Path(__file__))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 15 and "skipped" not in summary, report
+
+
+# --- on a GPU: compiled kernels, bf16, int64 offsets, default dispatch ------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_gpu_bf16_matches_reference(weight_grad):
+    hidden, weight, targets = make(n=1000, h=256, v=50_257, dtype=torch.bfloat16, device="cuda", scale=0.1)
+    kw = dict(weight_grad=weight_grad, chunk_rows=256, z_loss=1e-4)
+    exact = run("reference", hidden, weight, targets, upcast=True, **kw)
+    ref_half = run("reference", hidden, weight, targets, **kw)
+    got = run("triton", hidden, weight, targets, **kw)
+    for i in range(3 if weight_grad else 2):
+        err, noise = rel(got[i], exact[i]), rel(ref_half[i], exact[i])
+        assert err <= 2 * noise + 1e-5, f"output {i}: kernel {err:.2e}, bf16 reference {noise:.2e}"
+
+
+@gpu
+def test_gpu_int64_row_offsets():
+    # One chunk of 14,500 rows × 152,064: the buffer has 2.2e9 > 2**31 elements, so the last rows'
+    # element offsets overflow int32 (8.8 GB in fp32). Their losses, argmax and gradients (written
+    # in place at those offsets) must match the reference's for the same rows.
+    n, v = 14_500, 152_064
+    hidden, weight, targets = make(n=n, h=16, v=v, device="cuda", ignored=0.0, scale=0.2)
+    out, gh, _ = run("triton", hidden, weight, targets, return_per_token=True, chunk_rows=n)
+    rows = torch.tensor([0, 1, n - 2, n - 1], device="cuda")
+    want, wh, _ = run("reference", hidden[rows], weight, targets[rows], return_per_token=True)
+    assert torch.allclose(out.token_loss[rows], want.token_loss, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out.argmax[rows], want.argmax)
+    assert rel(gh[rows], wh) <= 1e-4
+
+
+@gpu
+def test_gpu_default_dispatch_is_triton(monkeypatch):
+    calls = []
+    real = ce.LinearCrossEntropyFunction.apply
+    monkeypatch.setattr(ce.LinearCrossEntropyFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, targets = make(n=64, h=64, v=1000, dtype=torch.bfloat16, device="cuda")
+    ce.linear_cross_entropy(hidden, weight, targets)
+    assert calls == [1]
