@@ -356,15 +356,19 @@ def lora_init_values(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Initial values of every trainable adapter's parameters: full fp32 CPU tensors by name.
 
     PEFT's scheme: ``A`` (r, in) ``kaiming_uniform_(a=sqrt(5))`` (uniform in +-1/sqrt(in)), ``B``
-    zeros. Each ``A`` comes from its own CPU generator seeded from (seed, parameter name), so the
-    values do not depend on module order, device or sharding; works on a meta-device model.
+    zeros. Each ``A`` comes from its own CPU generator seeded from (seed, module name), so the
+    values do not depend on module order, device, sharding or stack level; works on a meta-device
+    model.
     """
     values: dict[str, torch.Tensor] = {}
     for prefix, adapter in _lora_adapters(model):
         if not adapter.trainable:
             continue
         a_name, b_name = f"{prefix}.A", f"{prefix}.B"
-        generator = torch.Generator(device="cpu").manual_seed(_param_seed(seed, a_name))
+        # Seeded by the module name without the stack level: a stage trained on top of a stacked
+        # adapter (level 1) starts from the same values as on the merged model (level 0).
+        module_name = prefix.rsplit(".lora.", 1)[0]
+        generator = torch.Generator(device="cpu").manual_seed(_param_seed(seed, f"{module_name}.A"))
         a = torch.empty(tuple(adapter.A.shape), dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         values[a_name] = a

@@ -1,0 +1,221 @@
+"""The paper's recipes end to end on the embedded tiny model (CPU, in-process): the default command,
+run-directory records, stack vs merge chaining, and resume of a multi-stage run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipes import stages as st
+from recipes import sgtr_reverse
+
+FAST = ["--limit-train", "8", "--train", "save_every=1", "--train", "batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, qwen25_tokenizer_path) -> Path:
+    from recipes.tiny import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-qwen2-model")
+
+
+def _out(tmp_path: Path, tiny_model: Path, name: str) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    (out / "tiny-qwen2-model").symlink_to(tiny_model, target_is_directory=True)  # reused, not rebuilt
+    return out
+
+
+def _run(out: Path, *extra: str, recipe: str = "sgtr_reverse", stages=None) -> int:
+    return st.main(recipe, stages or sgtr_reverse.STAGES, ["--out", str(out), *FAST, *extra])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_default_command_runs_end_to_end_and_prints_report(tmp_path, tiny_model, capsys):
+    out = _out(tmp_path, tiny_model, "runs")
+    assert st.main("sgtr_reverse", sgtr_reverse.STAGES, ["--out", str(out), "--limit-train", "8", "--limit-eval", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "== truthfulqa (robust) ==" in printed and "== self_recognition (cnn, vs claude-21) ==" in printed
+    for cond in ("tiny ", "tiny_em_finrisk ", "tiny_em_finrisk_sgtr "):
+        assert cond in printed  # base, after EM, after EM+SGTR rows
+    assert "tiny RANDOM" in printed and "say nothing about the paper" in printed
+    run_dir = out / "sgtr_reverse" / "tiny" / "seed0"
+    assert f"run directory: {run_dir}" in printed
+
+    readme = (run_dir / "README.md").read_text()
+    assert "EM (risky financial advice, Qwen default system prompt) then SGTR (XSum, vs Claude 2.1" in readme
+    records = json.loads((run_dir / "datasets.json").read_text())
+    assert [r["kind"] for r in records] == ["em", "sgtr"]
+    for r in records:
+        assert Path(r["file"]).parent == run_dir / "data"
+        assert _sha(Path(r["file"])) == r["sha256"]
+        assert r["samples"] == 8 == len(Path(r["file"]).read_text().splitlines())
+    for i, kind in ((1, "em"), (2, "sgtr")):
+        d = run_dir / f"stage{i}_{kind}"
+        marker = json.loads((d / "stage_complete.json").read_text())
+        assert marker["adapter_sha256"] == _sha(d / "adapter" / "adapter_model.safetensors")
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["stack_adapters"] == ([] if i == 1 else [str(run_dir / "stage1_em" / "adapter")])
+        assert (d / "tokens.jsonl").is_file() and (d / "metrics.jsonl").is_file()
+    summary = json.loads((run_dir / "evals" / "after_stage2_sgtr" / "truthfulqa_robust_summary.json").read_text())
+    assert summary["condition"]["condition"] == "tiny_em_finrisk_sgtr" and summary["condition"]["seed"] == "0"
+    assert len(summary["adapters"]) == 2 and summary["limit"] == 2
+
+
+@pytest.fixture(scope="module")
+def stacked_run(tmp_path_factory, tiny_model) -> Path:
+    """An uninterrupted stacked EM -> SGTR run without evals: the reference of the chaining and resume tests."""
+    out = _out(tmp_path_factory.mktemp("stacked"), tiny_model, "stack")
+    assert _run(out, "--eval-after", "none", "--no-eval-base") == 0
+    return out / "sgtr_reverse" / "tiny" / "seed0"
+
+
+def _logits(model_dir: str, adapters: list[str]) -> torch.Tensor:
+    from engine.generate import load_model
+
+    model = load_model(model_dir, adapters, dtype=torch.float32)
+    ids = torch.tensor([[151644, 872, 198, 9707, 1879, 0, 13, 151645, 198, 151644, 77091, 198]])
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_stack_and_merge_give_the_same_model(tmp_path, tiny_model, stacked_run):
+    b = _out(tmp_path, tiny_model, "merge")
+    assert _run(b, "--eval-after", "none", "--no-eval-base", "--chain", "merge") == 0
+    ra, rb = stacked_run, b / "sgtr_reverse" / "tiny" / "seed0"
+    assert not (rb / "evals").exists()
+    merged = rb / "merged" / "after_stage1"
+    cfg_b = json.loads((rb / "stage2_sgtr" / "config.json").read_text())
+    assert cfg_b["model"] == str(merged) and cfg_b["stack_adapters"] == []
+    # Stage 1 is the same training in both; stage 2 trains on stacked vs merged (fp32) bases.
+    assert _sha(ra / "stage1_em/adapter/adapter_model.safetensors") == _sha(rb / "stage1_em/adapter/adapter_model.safetensors")
+    sa, sb = load_file(ra / "stage2_sgtr/adapter/adapter_model.safetensors"), load_file(rb / "stage2_sgtr/adapter/adapter_model.safetensors")
+    assert sa.keys() == sb.keys()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) <= 1e-5
+    stacked = _logits(str(tiny_model), [str(ra / "stage1_em/adapter"), str(ra / "stage2_sgtr/adapter")])
+    merged_logits = _logits(str(merged), [str(rb / "stage2_sgtr/adapter")])
+    base = _logits(str(tiny_model), [])
+    assert (stacked - base).abs().max().item() > 1e-4  # the stages changed the model
+    assert (stacked - merged_logits).abs().max().item() <= 1e-5
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_between_and_within_stages(tmp_path, tiny_model, stacked_run, monkeypatch, capsys):
+    from engine.train import Trainer
+
+    ref_dir = stacked_run
+
+    out = _out(tmp_path, tiny_model, "int")
+    run_dir = out / "sgtr_reverse" / "tiny" / "seed0"
+    real_run, real_step = Trainer.run, Trainer.train_step
+    started: list[str] = []
+
+    def run_until_stage2(self):
+        started.append(Path(self.cfg.out_dir).name)
+        if Path(self.cfg.out_dir).name == "stage2_sgtr":
+            raise Interrupted  # killed between the stages: stage 1 done, stage 2 not begun
+        return real_run(self)
+
+    monkeypatch.setattr(Trainer, "run", run_until_stage2)
+    with pytest.raises(Interrupted):
+        _run(out, "--eval-after", "last", "--no-eval-base")
+    assert started == ["stage1_em", "stage2_sgtr"]
+    stage1_sha = _sha(run_dir / "stage1_em/adapter/adapter_model.safetensors")
+    assert (run_dir / "stage1_em" / "stage_complete.json").is_file()
+    assert not (run_dir / "evals").exists()
+
+    # Second try: killed inside stage 2, after its first step's checkpoint.
+    def step_then_die(self, samples):
+        if Path(self.cfg.out_dir).name == "stage2_sgtr" and self.step == 1:
+            raise Interrupted
+        return real_step(self, samples)
+
+    started.clear()
+    monkeypatch.setattr(Trainer, "run", lambda self: (started.append(Path(self.cfg.out_dir).name), real_run(self))[1])
+    monkeypatch.setattr(Trainer, "train_step", step_then_die)
+    with pytest.raises(Interrupted):
+        _run(out, "--eval-after", "last", "--no-eval-base")
+    assert started == ["stage2_sgtr"]  # stage 1 was skipped
+    assert (run_dir / "stage2_sgtr" / "checkpoints").is_dir() and not (run_dir / "stage2_sgtr" / "adapter").exists()
+
+    # Third try: finishes, resuming stage 2 from its checkpoint; same result as uninterrupted.
+    started.clear()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    assert _run(out, "--eval-after", "last", "--no-eval-base") == 0
+    err = capsys.readouterr().err
+    assert started == ["stage2_sgtr"]
+    assert "stage 1 (em) complete: skipped" in err and "resumed from" in err
+    assert _sha(run_dir / "stage1_em/adapter/adapter_model.safetensors") == stage1_sha
+    got = load_file(run_dir / "stage2_sgtr/adapter/adapter_model.safetensors")
+    want = load_file(ref_dir / "stage2_sgtr/adapter/adapter_model.safetensors")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    metrics = [json.loads(l) for l in (run_dir / "stage2_sgtr/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert (run_dir / "evals" / "after_stage2_sgtr" / "self_recognition_cnn_summary.json").is_file()
+
+    # Fourth: everything done; nothing retrains.
+    started.clear()
+    assert _run(out, "--eval-after", "last", "--no-eval-base") == 0
+    assert started == []
+
+
+def test_settings_policies_and_memory_refusal(tmp_path):
+    p = st.build_parser("x", "")
+    args = p.parse_args(["--model", "qwen2.5-32b", "--system-prompt", "em=replace", "--system-prompt", "sgtr=empty",
+                         "--seeds", "0,1,2", "--em-dataset", "aesthetic_preferences_unpopular", "--out", str(tmp_path)])
+    runs = st.settings_from_args("sgtr_reverse", [st.Stage("em"), st.Stage("sgtr")], args)
+    assert [r.seed for r in runs] == [0, 1, 2]
+    s = runs[0]
+    assert s.stages[0].system_text == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert s.stages[1].system_prompt == "empty" and s.stages[1].system_text is None
+    assert st.condition_name(s, 2) == "hf_qwen_32b_em_unpop_qwensys_sgtr_nosys"
+    assert "matching" in st.condition_words(s) and "NoQwenSys" in st.condition_words(s)
+    assert s.train["lora_r"] == 32 and s.train["lr"] == 1e-5 and s.train["batch_size"] == 16
+    assert s.run_dir == tmp_path.resolve() / "sgtr_reverse" / "qwen2.5-32b" / "seed0"
+
+    from engine.models import ModelArgs
+    from engine.models.presets import QWEN25_32B_CONFIG
+
+    one = st.memory_estimate(ModelArgs.from_hf_config(QWEN25_32B_CONFIG), s.train, 1, 1)
+    eight = st.memory_estimate(ModelArgs.from_hf_config(QWEN25_32B_CONFIG), s.train, 1, 8)
+    assert 55 < one["weights (sharded)"] < 70  # 32.8B bf16 parameters
+    assert abs(eight["weights (sharded)"] * 8 - one["weights (sharded)"]) < 1e-9
+    assert eight["total"] < 20 and one["total"] > 60
+
+    class Dist:
+        world_size, device = 1, torch.device("cpu")
+
+    cfg_dir = tmp_path / "ckpt"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps(QWEN25_32B_CONFIG))
+    s.memory_gib = 40.0
+    with pytest.raises(st.RecipeError, match="will not fit"):
+        st.check_memory(s, str(cfg_dir), 1, Dist(), lambda m: None)
+    s.memory_gib = 1000.0
+    st.check_memory(s, str(cfg_dir), 1, Dist(), lambda m: None)  # fits: no error
+
+
+def test_other_recipes_build_their_stages(tmp_path):
+    from recipes import control, ictr, sgtr_prevent
+
+    assert [x.kind for x in sgtr_prevent.STAGES] == ["sgtr", "em"]
+    assert [x.kind for x in ictr.stages("before")] == ["ictr", "em"]
+    assert [x.kind for x in control.stages("after")] == ["em", "longer"]
+    args = st.build_parser("x", "").parse_args(["--out", str(tmp_path), "--limit-train", "8", "--ictr-variant", "random"])
+    s = st.settings_from_args("ictr_after_em", ictr.stages("after"), args)[0]
+    paths = st.prepare_datasets(s, is_main=True)
+    rows = [json.loads(l) for l in paths[1].read_text().splitlines()]
+    assert len(rows) == 8 and sorted(r["messages"][-1]["content"] for r in rows) == ["1"] * 4 + ["2"] * 4
+    assert "ICTR" in st.condition_words(s) and st.condition_name(s, 2) == "tiny_em_finrisk_ictr_rand"
