@@ -1,0 +1,387 @@
+"""Attention section of `python -m kernels.bench` (also `python -m kernels.bench_attention`).
+
+`run(args) -> list[dict]` times the Triton varlen flash attention (kernels/attention.py) against
+its references at the issue's shapes, in one run on one card; rows carry name, case, ms (median
+of CUDA-event-timed calls), tflops (useful FLOPs only: causal 4·S²·H·D/2 per sample forward, ×3.5
+for forward+backward), extra_gib (peak allocation during one call minus what was allocated before
+it: inputs excluded, outputs and gradients included), ratios (our time / their time for each
+reference: below 1 is faster) and, on our rows, target.
+
+Cases (bf16, head_dim 128, Qwen2.5-32B's 40 query / 8 KV heads):
+- causal, one 4096-token sample, forward+backward (and forward alone): vs SDPA's flash backend and
+  its cuDNN backend (torch.nn.attention.sdpa_kernel). Target: ≤ 1/1.3 of SDPA-flash's time
+  (stretch: ≤ cuDNN's).
+- packed 4096 tokens of SGTR-length samples (1100 + 1000 + 1000 + 996), forward+backward: vs
+  FlexAttention with a document-causal block mask (when importable) and dense causal cuDNN over
+  the same 4096 tokens (what a kernel without varlen pays). Target: ≤ 0.5× FlexAttention's time.
+- Seed-OSS-36B heads (80 / 8) with attention dropout 0.1, causal 4096, forward+backward: vs
+  SDPA-flash with the same dropout.
+GQA: references get enable_gqa=True; where a backend refuses it, K/V are expanded to the query
+heads once, outside the timed region (the row name says "KV expanded").
+
+`python -m kernels.bench_attention --compile-report` needs no GPU: it compiles the kernels for
+sm_90 and prints shared memory, registers per thread and spills of each.
+`--attn-sweep` adds rows for alternative tile configurations of our kernels on the causal case
+(all compile for sm_90 without register spills), to pick `default_config` on a real card.
+`--reference-only` runs the reference paths only, on CPU, at small shapes (a CI check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+N_HEADS, N_KV, HEAD_DIM = 40, 8, 128
+SEQ = 4096
+PACKED = (1100, 1000, 1000, 996)
+SEED_HEADS, SEED_DROPOUT = 80, 0.1
+SMALL = dict(seq=256, packed=(100, 60, 60, 36), n_heads=4, n_kv=2, head_dim=32, dtype=torch.float32)
+TARGET_VS_FLASH = 1 / 1.3
+TARGET_VS_FLEX = 0.5
+SWEEP = [  # (fwd m, n, warps, stages, dkdv m, n, warps, stages, dq m, n, warps, stages)
+    (128, 64, 8, 3, 32, 128, 8, 2, 128, 64, 8, 2),  # default_config for d = 128
+    (128, 128, 8, 2, 32, 128, 8, 2, 128, 64, 8, 2),
+    (64, 64, 4, 3, 64, 64, 8, 2, 64, 64, 4, 2),
+    (128, 64, 8, 3, 16, 128, 8, 2, 128, 32, 8, 2),
+    (128, 64, 8, 3, 64, 64, 8, 2, 128, 32, 8, 2),
+    (128, 32, 8, 3, 32, 64, 4, 2, 64, 32, 4, 2),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attn-sweep", action="store_true",
+                        help="also time alternative tile configurations of the attention kernels")
+
+
+def _measure(step: Callable[[], None], device: torch.device, repeats: int, warmup: int,
+             reset: Callable[[], None]) -> tuple[float, float | None]:
+    """(median ms, peak extra GiB or None on CPU), as kernels.bench.measure."""
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        reset()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), None
+
+
+def _causal_flops(lengths, n_heads, head_dim, backward: bool) -> float:
+    fwd = sum(4 * n * n * n_heads * head_dim / 2 for n in lengths)
+    return fwd * 3.5 if backward else fwd
+
+
+# --- implementations: each maps (q, k, v) in (total, heads, d) layout to the output ----------
+
+
+def _ours(lengths, config=None, dropout_p=0.0):
+    from kernels.attention import flash_attention_varlen
+
+    cache = {}  # cu_seqlens built once, outside the timed calls, as the trainer does per step
+
+    def fn(q, k, v):
+        if q.device not in cache:
+            cache[q.device] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                                           device=q.device)
+        return flash_attention_varlen(q, k, v, cache[q.device], max(lengths), dropout_p=dropout_p, config=config)
+
+    return fn
+
+
+def _sdpa(backend, dropout_p=0.0):
+    """SDPA on the (1, heads, total, d) view of our layout, causal over all tokens; None if the
+    backend (or GQA on it) is unavailable."""
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(
+                *(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)), is_causal=True, dropout_p=dropout_p,
+                enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).squeeze(0)
+
+    return fn
+
+
+def _flex(lengths, device):
+    """FlexAttention with a document-causal block mask, compiled; None when not importable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    total = int(sum(lengths))
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(document_causal, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v):
+        out = compiled(*(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)), block_mask=block_mask,
+                       enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).squeeze(0)
+
+    return fn
+
+
+def _reference(lengths, dropout_p=0.0):
+    from kernels.attention import attention_ref
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+    def fn(q, k, v):
+        return attention_ref(q, k, v, cu, dropout_p=dropout_p, upcast=False)
+
+    return fn
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+def _inputs(total, n_heads, n_kv, head_dim, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(total, h, head_dim, generator=g, device=device, dtype=dtype)
+                   for h in (n_heads, n_kv, n_kv, n_heads))
+    return q, k, v, do
+
+
+def _time_case(args, device, case, lengths, n_heads, n_kv, head_dim, dtype, impls, backward=True) -> list[dict]:
+    total = sum(lengths)
+    q, k, v, do = _inputs(total, n_heads, n_kv, head_dim, dtype, device)
+    flops = _causal_flops(lengths, n_heads, head_dim, backward)
+    rows = {}
+    for name, fn in impls.items():
+        if fn is None:
+            continue
+        leaves = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+        if name.endswith("(KV expanded)"):
+            rep = n_heads // n_kv
+            leaves = [leaves[0]] + [t.detach().repeat_interleave(rep, 1).requires_grad_(backward) for t in leaves[1:]]
+
+        def reset(leaves=leaves):
+            for t in leaves:
+                t.grad = None
+
+        def step(fn=fn, leaves=leaves, reset=reset):
+            reset()
+            if backward:
+                fn(*leaves).backward(do)
+            else:
+                with torch.no_grad():
+                    fn(*leaves)
+
+        try:
+            ms, extra = _measure(step, device, args.repeats, args.warmup, reset)
+        except RuntimeError as e:  # a backend that refuses the shape/dtype/GQA on this card
+            print(f"attention: {name} unavailable for {case}: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
+        finally:
+            reset()
+        rows[name] = dict(section="attention", name=name, case=case, ms=ms, tflops=flops / ms / 1e9, extra_gib=extra)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows.values():
+        row["ratios"] = {ref: row["ms"] / other["ms"] for ref, other in rows.items() if ref != row["name"]}
+    return list(rows.values())
+
+
+def _with_gqa_fallback(name, fn, device, n_heads, n_kv, head_dim, dtype):
+    """{name: fn}, or {name + " (KV expanded)": fn} when the backend refuses enable_gqa."""
+    if fn is None or n_heads == n_kv:
+        return {name: fn}
+    q, k, v, _ = _inputs(128, n_heads, n_kv, head_dim, dtype, device)
+    try:
+        fn(q, k, v)
+        return {name: fn}
+    except RuntimeError:
+        return {name + " (KV expanded)": fn}
+
+
+def _target(rows, ours, ref, limit, label):
+    row = next((r for r in rows if r["name"] == ours), None)
+    if row is None:
+        return
+    ratio = row["ratios"].get(ref)
+    verdict = f"no {ref}" if ratio is None else ("met" if ratio <= limit else "MISSED") + f" ({ratio:.2f}×)"
+    row["target"] = "; ".join(filter(None, [row.get("target"), f"≤{limit:.2f}× {label}: {verdict}"]))
+
+
+def run(args) -> list[dict]:
+    reference_only = getattr(args, "reference_only", False)
+    args.repeats = getattr(args, "repeats", None) or (3 if reference_only else 20)
+    args.warmup = getattr(args, "warmup", None) if getattr(args, "warmup", None) is not None else (
+        1 if reference_only else 3)
+    if reference_only:
+        return _run_reference_only(args)
+
+    from torch.nn.attention import SDPBackend
+
+    device = torch.device(getattr(args, "attn_device", "cuda"))  # another device: smoke tests only
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows: list[dict] = []
+    ours = "triton varlen"
+
+    def refs(n_heads, dropout_p=0.0, cudnn=True):
+        out = {}
+        out |= _with_gqa_fallback("sdpa flash", _sdpa(SDPBackend.FLASH_ATTENTION, dropout_p), device, n_heads, N_KV,
+                                  HEAD_DIM, dtype)
+        if cudnn:
+            out |= _with_gqa_fallback("sdpa cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION), device, n_heads, N_KV,
+                                      HEAD_DIM, dtype)
+        return out
+
+    # 1. causal, one 4096-token sample.
+    for backward in (True, False):
+        case = f"causal 1×{SEQ}, {N_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, {'fwd+bwd' if backward else 'fwd'}"
+        impls = {ours: _ours([SEQ])} | refs(N_HEADS)
+        if backward and getattr(args, "attn_sweep", False):
+            from kernels.attention import AttentionConfig
+
+            impls |= {f"triton cfg {c}": _ours([SEQ], config=AttentionConfig(*c)) for c in SWEEP}
+        case_rows = _time_case(args, device, case, [SEQ], N_HEADS, N_KV, HEAD_DIM, dtype, impls, backward)
+        flash = next((n for n in impls if n.startswith("sdpa flash")), "sdpa flash")
+        cudnn = next((n for n in impls if n.startswith("sdpa cudnn")), "sdpa cudnn")
+        _target(case_rows, ours, flash, TARGET_VS_FLASH, "SDPA-flash (1.3× faster)")
+        _target(case_rows, ours, cudnn, 1.0, "cuDNN (stretch)")
+        rows += case_rows
+
+    # 2. packed SGTR-length samples.
+    case = f"packed {SEQ} = {'+'.join(map(str, PACKED))}, {N_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, fwd+bwd"
+    impls = {ours: _ours(list(PACKED)), "flex document-causal": _flex(list(PACKED), device)}
+    impls |= _with_gqa_fallback("dense causal cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION), device, N_HEADS, N_KV,
+                                HEAD_DIM, dtype)
+    if impls["flex document-causal"] is None:
+        print("attention: FlexAttention not importable: no flex reference", file=sys.stderr)
+    case_rows = _time_case(args, device, case, list(PACKED), N_HEADS, N_KV, HEAD_DIM, dtype, impls)
+    _target(case_rows, ours, "flex document-causal", TARGET_VS_FLEX, "FlexAttention")
+    rows += case_rows
+
+    # 3. Seed-OSS heads with attention dropout.
+    case = f"causal 1×{SEQ}, {SEED_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, dropout {SEED_DROPOUT}, fwd+bwd"
+    impls = {ours: _ours([SEQ], dropout_p=SEED_DROPOUT)} | refs(SEED_HEADS, SEED_DROPOUT, cudnn=False)
+    rows += _time_case(args, device, case, [SEQ], SEED_HEADS, N_KV, HEAD_DIM, dtype, impls)
+    return rows
+
+
+def _run_reference_only(args) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    device = torch.device("cpu")
+    s = SMALL
+    rows = []
+    packed_label = "packed " + "+".join(map(str, s["packed"]))
+    for lengths, label in (([s["seq"]], f"causal 1×{s['seq']}"), (list(s["packed"]), packed_label)):
+        case = f"{label}, {s['n_heads']}/{s['n_kv']} heads, d={s['head_dim']}, fp32, fwd+bwd (reference only)"
+        impls = {"attention_ref": _reference(lengths), "sdpa math (dense causal)": _sdpa(SDPBackend.MATH)}
+        rows += _time_case(args, device, case, lengths, s["n_heads"], s["n_kv"], s["head_dim"], s["dtype"], impls)
+    return rows
+
+
+def compile_report(arch: int = 90, head_dims=(64, 128), dtypes=("bf16",), group: int = 5) -> list[str]:
+    """Compile the kernels at their default tiles for sm_{arch} without a GPU (triton.compile with
+    the divisibility hints the JIT would derive at run time) and report shared memory, registers
+    per thread and spill stack (cuobjdump -res-usage from triton's wheel). Uses triton internals."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.attention as ka
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    lines = []
+    for head_dim in head_dims:
+        for dtype in dtypes:
+            for dropout in (False, True):
+                cfg = ka.default_config(head_dim, torch.device("cuda"), dtype=torch_dtypes[dtype], dropout=dropout)
+                common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=ka._block_d(head_dim), CAUSAL=True,
+                              DROPOUT=dropout, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+                for name, kernel, bm, bn, warps, stages in (
+                    ("fwd", ka._attn_fwd_kernel, cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_warps, cfg.fwd_stages),
+                    ("dkdv", ka._attn_bwd_dkdv_kernel, cfg.dkdv_block_m, cfg.dkdv_block_n, cfg.dkdv_warps,
+                     cfg.dkdv_stages),
+                    ("dq", ka._attn_bwd_dq_kernel, cfg.dq_block_m, cfg.dq_block_n, cfg.dq_warps, cfg.dq_stages),
+                ):
+                    const = dict(common, BLOCK_M=bm, BLOCK_N=bn)
+                    sig, attrs = {}, {}
+                    for i, arg in enumerate(kernel.arg_names):
+                        if arg in const:
+                            sig[arg] = "constexpr"
+                        elif arg in ("LSE", "DELTA"):
+                            sig[arg] = "*fp32"
+                        elif arg == "CU_SEQLENS":
+                            sig[arg] = "*i32"
+                        elif arg.isupper():
+                            sig[arg] = f"*{dtype}"
+                        elif arg in ("qk_scale", "sm_scale", "dropout_p"):
+                            sig[arg] = "fp32"
+                        else:
+                            sig[arg] = "i32"
+                        if sig[arg].startswith("*") or (arg.startswith("stride") and arg != "stride_lh"):
+                            attrs[(i,)] = [["tt.divisibility", 16]]
+                    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=attrs),
+                                              target=GPUTarget("cuda", arch, 32),
+                                              options=dict(num_warps=warps, num_stages=stages))
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = os.path.join(tmp, "kernel.cubin")
+                        with open(path, "wb") as f:
+                            f.write(compiled.asm["cubin"])
+                        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+                    usage = next((u.strip().split(" SHARED")[0] for u in usage.splitlines() if "REG:" in u), "?")
+                    lines.append(f"d={head_dim} {dtype} dropout={dropout:d} {name:4s} {bm}x{bn} warps={warps} "
+                                 f"stages={stages}: shared {compiled.metadata.shared // 1024} KiB, {usage}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kernels.bench import print_table
+
+    p = argparse.ArgumentParser(prog="python -m kernels.bench_attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference-only", action="store_true", help="reference paths only, on CPU, small shapes")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--compile-report", action="store_true",
+                   help="no GPU needed: compile the kernels for sm_90 and print shared memory, registers, spills")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if args.compile_report:
+        print("\n".join(compile_report()))
+        return 0
+    if not args.reference_only and not torch.cuda.is_available():
+        print("kernels.bench_attention needs a CUDA GPU; on CPU use --reference-only", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name() if not args.reference_only else "cpu"
+    print_table(run(args), f"attention on {device} (torch {torch.__version__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
