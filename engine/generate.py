@@ -98,9 +98,15 @@ class Generator:
         thinking_budget: int | None = None,
         *,
         progress: bool | ProgressFn = True,
+        shard: bool = False,
     ):
         """``progress``: True prints a line per batch to stderr when there is more than one
-        batch, False is silent, a callable is called with (done, total) after every batch."""
+        batch, False is silent, a callable is called with (done, total) after every batch.
+
+        ``shard``: under torchrun, split every call's conversations into contiguous slices, one
+        per rank (each rank holds the whole model), and gather the results on every rank in the
+        original order; every rank must make the same calls. Results equal a single process's,
+        sampling included (each conversation's random stream is seeded by its global index)."""
         get_template(template)  # unknown names fail here
         self.model = model
         self.tokenizer = tokenizer
@@ -108,6 +114,7 @@ class Generator:
         self.policy = policy
         self.thinking_budget = thinking_budget
         self.progress = progress
+        self.shard = shard
         if tokenizer.vocab_size > model.args.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but the model only "
@@ -134,7 +141,8 @@ class Generator:
         batch, no sampling."""
         _check_batch_size(batch_size)
         choice_ids = self._choice_ids(choices)
-        prompts = [self.prompt_ids(c) for c in conversations]
+        lo, hi = self._my_slice(len(conversations), batch_size)
+        prompts = [self.prompt_ids(c) for c in conversations[lo:hi]]
         out: list[ChoiceScore] = []
         for start, batch in self._batches(prompts, batch_size, "score_choices"):
             logprobs = F.log_softmax(self._last_logits(batch).float(), dim=-1).cpu()  # (b, v)
@@ -151,7 +159,7 @@ class Generator:
                         free_choice=next((c for c, i in choice_ids.items() if i == top), None),
                     )
                 )
-        return out
+        return self._gather(out)
 
     def _choice_ids(self, choices: list[str]) -> dict[str, int]:
         if isinstance(choices, str):
@@ -193,17 +201,18 @@ class Generator:
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if temperature > 0 and seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        prompts = [self.prompt_ids(c) for c in conversations]
+            seed = self._gather([int(torch.randint(0, 2**62, ()))])[0]  # rank 0's draw, on every rank
+        lo, hi = self._my_slice(len(conversations), batch_size)
+        prompts = [self.prompt_ids(c) for c in conversations[lo:hi]]
         out: list[Completion] = []
         for start, batch in self._batches(prompts, batch_size, "generate"):
             rngs = None
             if temperature > 0:
-                rngs = [_row_generator(seed, start + j, self._device) for j in range(len(batch))]
+                rngs = [_row_generator(seed, lo + start + j, self._device) for j in range(len(batch))]
             for ids, stopped in self._generate_batch(batch, max_new_tokens, temperature, top_p, rngs):
                 text_ids = ids[:-1] if stopped else ids
                 out.append(Completion(self.tokenizer.decode(text_ids), ids, stopped))
-        return out
+        return self._gather(out)
 
     def _generate_batch(
         self,
@@ -251,6 +260,26 @@ class Generator:
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rngs)])
 
     # ------------------------------------------------------------------------------ shared
+    def _sharded(self) -> bool:
+        return self.shard and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _my_slice(self, n: int, batch_size: int) -> tuple[int, int]:
+        """This rank's contiguous slice [lo, hi) of n conversations (all of them unsharded). Slices
+        are cut at batch boundaries, so every batch is the one a single process would run."""
+        if not self._sharded():
+            return 0, n
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        batches = -(-n // batch_size)
+        return (min(n, batches * rank // world * batch_size), min(n, batches * (rank + 1) // world * batch_size))
+
+    def _gather(self, local: list) -> list:
+        """Concatenate every rank's results in rank order (the identity unsharded)."""
+        if not self._sharded():
+            return local
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+        return [x for part in parts for x in part]
+
     @property
     def _device(self) -> torch.device:
         return self.model.model.embed_tokens.weight.device

@@ -13,6 +13,7 @@ writes, and the one-line error convention (exit status 2). It imports no torch a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 EXIT_BAD_INPUT = 2
+_owns_process_group = False  # load_generator started the torchrun process group itself
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -34,10 +36,17 @@ class EvalInputError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- writing
+def is_main_process() -> bool:
+    """False on the ranks > 0 of a torchrun-launched eval (they compute, rank 0 writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` via a temporary file in the same directory and a rename: a reader
-    (or a killed process) never sees a half-written file."""
+    (or a killed process) never sees a half-written file. Under torchrun only rank 0 writes."""
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -181,10 +190,19 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
             raise EvalInputError(f"adapter directory not found: {adapter}")
     tokenizer = Tokenizer.from_file(args.tokenizer or resolve_checkpoint_dir(args.model))
     special_ids(tokenizer, args.template)  # the wrong tokenizer family for the template fails here, clearly
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Under torchrun the prompts are split over the ranks (each holds the whole model on its own GPU)
+    # and the results gathered; rank 0 writes and logs.
+    from engine import parallel
+
+    global _owns_process_group
+    sharded = "RANK" in os.environ
+    if sharded and not parallel.is_distributed():
+        _owns_process_group = True  # started here, so ended by run_cli (not when a recipe runs us)
+    device = args.device or (str(parallel.init_distributed().device) if sharded else
+                             "cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, list(args.adapter), dtype=getattr(torch, args.dtype), device=device)
     try:
-        gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget)
+        gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget, shard=sharded)
     except ValueError as e:  # a tokenizer larger than the model's vocabulary, a bad thinking budget
         raise EvalInputError(str(e)) from None
     meta = {
@@ -213,11 +231,24 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         known += (LoraError, CheckpointError, ConfigError, TokenizerLoadError, MissingTokenError)
     except ImportError:  # pragma: no cover - the engine always has them
         pass
+    global _owns_process_group
+    quiet = contextlib.ExitStack()
+    if not is_main_process():  # ranks > 0 compute; rank 0 logs and writes
+        devnull = quiet.enter_context(open(os.devnull, "w"))
+        quiet.enter_context(contextlib.redirect_stdout(devnull))
+        quiet.enter_context(contextlib.redirect_stderr(devnull))
     try:
-        return main(argv)
+        with quiet:
+            return main(argv)
     except known as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if _owns_process_group:
+            from engine import parallel
+
+            parallel.destroy_distributed()
+            _owns_process_group = False
 
 
 __all__ = [

@@ -466,8 +466,7 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
     log(f"run {run_dir}: {condition_words(s)}")
 
     if 0 in points:
-        if dist.is_main:
-            run_evals(s, 0, base_model, [], log)
+        run_evals(s, 0, base_model, [], log)
         parallel.barrier()
 
     model, adapters = base_model, []  # what stage i trains on: a checkpoint + frozen adapters
@@ -503,9 +502,8 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
                     "dataset_sha256": sha256_file(datasets[i - 1]), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
             parallel.barrier()
         adapters = adapters + [str((d / "adapter").resolve())]
-        if i in points:
-            if dist.is_main:
-                run_evals(s, i, model, adapters, log)
+        if i in points:  # every rank evaluates a share of the prompts (evals shard under torchrun)
+            run_evals(s, i, model, adapters, log)
             parallel.barrier()
     return run_dir
 
