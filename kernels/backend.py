@@ -2,9 +2,13 @@
 
 Default: Triton for CUDA tensors (when triton imports), the reference everywhere else. Tests and
 benchmarks force one side with `force("reference")` / `force("triton")` (a context manager) or the
-environment variable `ENGINE_KERNELS=reference|triton`. Forcing "triton" on CPU tensors runs the
-kernels under the Triton interpreter, which needs `TRITON_INTERPRET=1` set before triton is
-imported (the kernel tests do that).
+environment variable `ENGINE_KERNELS=reference|triton`.
+
+Forcing "triton" on CPU tensors means the Triton interpreter. Triton decides interpreted vs compiled
+when a function is decorated, so `TRITON_INTERPRET=1` only works if set before triton is first
+imported. The two kernel test files cope in two ways: the attention kernel launches CPU tensors
+through an interpreted wrapper of its own (`kernels/attention.py`), and the cross-entropy
+interpreter tests run in a child pytest process with the variable set.
 """
 
 from __future__ import annotations
