@@ -99,6 +99,7 @@ class Generator:
         *,
         progress: bool | ProgressFn = True,
         shard: bool = False,
+        answer_prefix: str = "",
     ):
         """``progress``: True prints a line per batch to stderr when there is more than one
         batch, False is silent, a callable is called with (done, total) after every batch.
@@ -106,7 +107,11 @@ class Generator:
         ``shard``: under torchrun, split every call's conversations into contiguous slices, one
         per rank (each rank holds the whole model), and gather the results on every rank in the
         original order; every rank must make the same calls. Results equal a single process's,
-        sampling included (each conversation's random stream is seeded by its global index)."""
+        sampling included (each conversation's random stream is seeded by its global index).
+
+        ``answer_prefix``: text that starts every assistant turn, appended after the generation
+        prompt: choices are scored, and generation continues, after it (e.g. Seed-OSS's own
+        no-thinking note, ``engine.chat.seed_oss.NO_THINKING_ANSWER_PREFIX``)."""
         get_template(template)  # unknown names fail here
         self.model = model
         self.tokenizer = tokenizer
@@ -115,6 +120,7 @@ class Generator:
         self.thinking_budget = thinking_budget
         self.progress = progress
         self.shard = shard
+        self.answer_prefix = answer_prefix
         if tokenizer.vocab_size > model.args.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but the model only "
@@ -125,8 +131,9 @@ class Generator:
 
     # ------------------------------------------------------------------------------ prompts
     def prompt_text(self, conversation: list[dict]) -> str:
-        """The rendered generation prompt of a conversation."""
-        return "".join(s.text for s in _render_prompt(self.template, conversation, self.policy, self.thinking_budget))
+        """The rendered generation prompt of a conversation, followed by the answer prefix."""
+        segments = _render_prompt(self.template, conversation, self.policy, self.thinking_budget)
+        return "".join(s.text for s in segments) + self.answer_prefix
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
         return self.tokenizer.encode(self.prompt_text(conversation))

@@ -135,6 +135,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--thinking-budget", type=int, default=None,
                    help="Seed-OSS thinking budget (-1: unlimited, as the template without one; 0: no thinking); "
                         "default depends on the eval and mode; not allowed with qwen2.5")
+    g.add_argument("--answer-prefix", default=None,
+                   help="text prefilled at the start of every answer; default: Seed-OSS's own no-thinking note "
+                        "when thinking_budget is 0, else none ('' for none)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     g.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model weights dtype")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -184,6 +187,12 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
 
     policy = policy_from_args(args)
     check_positive("--batch-size", args.batch_size)
+    answer_prefix = args.answer_prefix
+    if answer_prefix is None:
+        # With thinking_budget 0 Seed-OSS first writes a fixed "no thinking" note; the answer follows it.
+        from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
+
+        answer_prefix = NO_THINKING_ANSWER_PREFIX if args.template == "seed-oss" and thinking_budget == 0 else ""
     for adapter in args.adapter:  # a local directory, or a hub id "org/name" (fetched by load_model)
         hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", adapter) and not adapter.startswith((".", "~"))
         if not Path(adapter).expanduser().is_dir() and not hub_like:
@@ -202,7 +211,8 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
                              "cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, list(args.adapter), dtype=getattr(torch, args.dtype), device=device)
     try:
-        gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget, shard=sharded)
+        gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget, shard=sharded,
+                        answer_prefix=answer_prefix)
     except ValueError as e:  # a tokenizer larger than the model's vocabulary, a bad thinking budget
         raise EvalInputError(str(e)) from None
     meta = {
@@ -212,6 +222,7 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
         "template": args.template,
         "policy": policy.describe(),
         "thinking_budget": thinking_budget,
+        "answer_prefix": answer_prefix,
         "dtype": args.dtype,
         "device": str(device),
     }

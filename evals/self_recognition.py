@@ -268,7 +268,7 @@ def _fingerprint_adapter(adapter: str) -> dict:
 
 
 def summary_cache_key(*, model: str, adapters: list[str], dataset: str, template: str, policy: str,
-                      thinking_budget: int | None, max_new_tokens: int,
+                      thinking_budget: int | None, max_new_tokens: int, answer_prefix: str = "",
                       response_type: str = SUMMARY_RESPONSE_TYPE) -> tuple[str, dict]:
     """(sha256 hex digest, the key it hashes) for regenerated summaries."""
     key = {
@@ -281,6 +281,7 @@ def summary_cache_key(*, model: str, adapters: list[str], dataset: str, template
         "template": template,
         "policy": policy,
         "thinking_budget": thinking_budget,
+        "answer_prefix": answer_prefix,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
     }
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.regenerate_summaries:
         digest, key = summary_cache_key(model=args.model, adapters=list(args.adapter), dataset=args.dataset,
                                         template=args.template, policy=meta["policy"], thinking_budget=budget,
-                                        max_new_tokens=args.summary_max_tokens)
+                                        max_new_tokens=args.summary_max_tokens, answer_prefix=meta["answer_prefix"])
         cache_dir = Path(args.summary_cache) if args.summary_cache else Path(args.out) / "summary_cache"
         cache_file = cache_dir / f"{args.dataset}_summaries_{digest[:16]}.json"
         own = regenerate_summaries(gen, tokenizer, subset, dataset=args.dataset, cache_file=cache_file, key=key,

@@ -560,3 +560,20 @@ def test_report_module_runs_and_plots_when_possible(tmp_path):
         assert "matplotlib is not importable" in proc.stderr
     else:
         assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_seed_oss_answers_are_scored_after_its_no_thinking_note(tmp_path):
+    """Robust mode (thinking_budget 0) prefills Seed-OSS's own no-thinking note; paper mode does not."""
+    from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
+    from evals import run_cli
+    from evals import truthfulqa
+    from tests.tiny import tiny_seed_oss_checkpoint
+
+    ckpt = tiny_seed_oss_checkpoint(tmp_path / "m")
+    base = ["--model", str(ckpt), "--template", "seed-oss", "--limit", "2", "--dtype", "float32"]
+    assert run_cli(truthfulqa.main, base + ["--out", str(tmp_path / "r")]) == 0
+    assert run_cli(truthfulqa.main, base + ["--out", str(tmp_path / "p"), "--mode", "paper"]) == 0
+    robust = json.loads((tmp_path / "r" / "truthfulqa_robust_summary.json").read_text())
+    paper = json.loads((tmp_path / "p" / "truthfulqa_paper_summary.json").read_text())
+    assert robust["thinking_budget"] == 0 and robust["answer_prefix"] == NO_THINKING_ANSWER_PREFIX
+    assert paper["thinking_budget"] is None and paper["answer_prefix"] == ""

@@ -406,3 +406,29 @@ def test_load_model_refuses_adapter_of_another_model(ckpts, tmp_path):
         load_model(ckpts["seed-oss"], adapters=[tmp_path], dtype=torch.float32)
     with pytest.raises(TypeError, match="list of adapter directories"):
         load_model(ckpts["seed-oss"], adapters=str(tmp_path / "qwen_adapter"))
+
+
+def test_answer_prefix_is_scored_after(tmp_path):
+    """With an answer prefix, choices are scored after it: equal to scoring the prompt + prefix text."""
+    import torch.nn.functional as F
+
+    from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
+    from engine.generate import Generator, load_model
+    from engine.tokenizer import Tokenizer
+    from tests.tiny import tiny_seed_oss_checkpoint
+
+    ckpt = tiny_seed_oss_checkpoint(tmp_path / "m")
+    model = load_model(ckpt, dtype=torch.float32)
+    tok = Tokenizer.from_file(ckpt)
+    conv = [{"role": "user", "content": "Which? Answer 1 or 2."}]
+    gen = Generator(model, tok, "seed-oss", thinking_budget=0, answer_prefix=NO_THINKING_ANSWER_PREFIX, progress=False)
+    text = gen.prompt_text(conv)
+    assert text.endswith("<seed:bos>assistant\n<seed:think><seed:cot_budget_reflect>" + NO_THINKING_ANSWER_PREFIX)
+    ids = tok.encode(text)
+    with torch.no_grad():
+        expected = F.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+    score = gen.score_choices([conv], ["1", "2"])[0]
+    for c in ("1", "2"):
+        assert abs(score.logprobs[c] - expected[tok.encode(c)[0]].item()) <= 1e-5
+    plain = Generator(model, tok, "seed-oss", thinking_budget=0, progress=False).score_choices([conv], ["1", "2"])[0]
+    assert plain.logprobs != score.logprobs

@@ -37,6 +37,16 @@ NO_THINKING_SYSTEM = (
 )
 
 
+# What Seed-OSS-36B-Instruct writes itself after the thinking_budget=0 generation prompt
+# (`...<seed:think><seed:cot_budget_reflect>`) before its answer, per the model card's example output
+# and other runtimes' no-thinking templates. Scoring an answer token right after the generation
+# prompt would read this note's first token instead; evals prefill it (`Generator(answer_prefix=)`).
+NO_THINKING_ANSWER_PREFIX = (
+    "The current thinking budget is 0, so I will directly start answering the question."
+    "</seed:cot_budget_reflect>\n</seed:think>"
+)
+
+
 def _budget_instruction(budget: int) -> str:
     if budget == 0:
         return NO_THINKING_SYSTEM
