@@ -55,7 +55,7 @@ the mask for tests.
 Block sizes (``AttentionConfig``, picked per head dim by ``default_config``): see there.
 
 Interpreter: for CPU tensors the kernels run under the Triton interpreter whatever TRITON_INTERPRET
-said when triton was imported (``_InterpretedKernel``); CUDA tensors use the compiled kernels. So
+said when triton was imported (``kernels.backend.launchable``); CUDA tensors use the compiled kernels. So
 tests need not set TRITON_INTERPRET before triton is imported, and do not turn other kernels' GPU
 tests into interpreter runs by setting it.
 (tl.dot on bf16 is wrong in the triton 3.9 interpreter: test bf16 on a GPU.)
@@ -68,6 +68,8 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+
+from kernels.backend import launchable
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the kernels' copy: Triton globals must be constexpr
@@ -443,68 +445,6 @@ def _dropout_mask_kernel(
         tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen) & (cols[None, :] < seqlen))
 
 
-class _InterpretedKernel:
-    """``kernel[grid](...)`` under the Triton interpreter, for CPU tensors, whatever TRITON_INTERPRET
-    was when triton was imported.
-
-    Triton decides compiled vs interpreted at decoration time, triton.language's own @jit helpers
-    (tl.zeros, tl.max, tl.rand, ...) included, so setting TRITON_INTERPRET after triton is imported
-    (by any module of a pytest process) has no effect, and setting it before would also turn other
-    kernels' GPU tests into interpreter runs. Instead, for the duration of one launch:
-    triton.language is patched to the interpreter's semantics in one scope of our own (undone
-    afterwards: the interpreter's own nested-call path leaves tl.core patched, which would break
-    compiling CUDA kernels later in the process), the kernel runs as an InterpretedFunction, and
-    @jit functions it calls (our helpers, triton.language's) run as their interpreter rewrites
-    (JITFunction.__call__ otherwise refuses to run outside a compiled kernel). Uses
-    triton.runtime.interpreter internals (triton 3.x).
-    """
-
-    _interpreted: dict = {}
-    _rewritten: dict = {}
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
-
-    def _launch(self, grid, args, kwargs):
-        import types
-
-        from triton.runtime import interpreter
-        from triton.runtime.jit import JITFunction
-
-        fn = self.kernel.fn
-        if fn not in self._interpreted:
-            self._interpreted[fn] = interpreter.InterpretedFunction(fn)
-
-        def call_rewritten(jit_fn, *a, **kw):
-            f = jit_fn.fn
-            if f not in self._rewritten:
-                self._rewritten[f] = interpreter.InterpretedFunction(f).rewrite()
-            return self._rewritten[f](*a, **kw)
-
-        # _patch_lang patches the triton.language modules it finds in a function's globals.
-        probe = types.FunctionType((lambda: None).__code__, {"tl": tl, "core": tl.core})
-        refuse = JITFunction.__call__
-        scope = interpreter._patch_lang(probe)
-        JITFunction.__call__ = call_rewritten
-        try:
-            self._interpreted[fn][grid](*args, **kwargs)
-        finally:
-            JITFunction.__call__ = refuse
-            scope.restore()
-
-
-def _kernel(kernel, device: torch.device):
-    """The launchable form of `kernel` for tensors on `device`: compiled for CUDA, interpreted on CPU."""
-    from triton.runtime.jit import JITFunction
-
-    if device.type == "cpu" and isinstance(kernel, JITFunction):
-        return _InterpretedKernel(kernel)
-    return kernel  # CUDA, or already an InterpretedFunction (TRITON_INTERPRET=1 at import)
-
-
 # --- 2. host functions -----------------------------------------------------------------------
 
 
@@ -634,7 +574,7 @@ def attention_forward(
     if max_seqlen <= 0:
         raise ValueError(f"max_seqlen must be the longest sample's length, got {max_seqlen} for {total} tokens")
     grid = (triton.cdiv(max_seqlen, config.fwd_block_m), n_seqs, n_heads)
-    _kernel(_attn_fwd_kernel, q.device)[grid](
+    launchable(_attn_fwd_kernel, q.device)[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
@@ -683,7 +623,7 @@ def attention_backward(
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
     block_t = 64 if q.device.type == "cuda" else 16
-    _kernel(_attn_bwd_preprocess, q.device)[(triton.cdiv(total, block_t), n_heads)](
+    launchable(_attn_bwd_preprocess, q.device)[(triton.cdiv(total, block_t), n_heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0), total,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
     )
@@ -692,14 +632,14 @@ def attention_backward(
         CAUSAL=bool(causal), DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype),
     )
     scalars = (total, scale * LOG2E, scale, float(dropout_p), int(seed))
-    _kernel(_attn_bwd_dkdv_kernel, q.device)[(triton.cdiv(max_seqlen, config.dkdv_block_n), n_seqs, n_kv)](
+    launchable(_attn_bwd_dkdv_kernel, q.device)[(triton.cdiv(max_seqlen, config.dkdv_block_n), n_seqs, n_kv)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         *scalars, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
         num_warps=config.dkdv_warps, num_stages=config.dkdv_stages, **common,
     )
-    _kernel(_attn_bwd_dq_kernel, q.device)[(triton.cdiv(max_seqlen, config.dq_block_m), n_seqs, n_heads)](
+    launchable(_attn_bwd_dq_kernel, q.device)[(triton.cdiv(max_seqlen, config.dq_block_m), n_seqs, n_heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
@@ -723,7 +663,7 @@ def dropout_keep_mask(
     mask = torch.zeros(n_heads, total, max(max_seqlen, 1), dtype=torch.int8, device=cu_seqlens.device)
     block = 64
     if total and max_seqlen > 0:
-        _kernel(_dropout_mask_kernel, cu_seqlens.device)[
+        launchable(_dropout_mask_kernel, cu_seqlens.device)[
             (triton.cdiv(max_seqlen, block), cu_seqlens.numel() - 1, n_heads)
         ](mask, cu_seqlens, mask.stride(0), mask.stride(1), total, float(dropout_p), int(seed),
           BLOCK_M=block, BLOCK_N=block)

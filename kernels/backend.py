@@ -4,11 +4,11 @@ Default: Triton for CUDA tensors (when triton imports), the reference everywhere
 benchmarks force one side with `force("reference")` / `force("triton")` (a context manager) or the
 environment variable `ENGINE_KERNELS=reference|triton`.
 
-Forcing "triton" on CPU tensors means the Triton interpreter. Triton decides interpreted vs compiled
-when a function is decorated, so `TRITON_INTERPRET=1` only works if set before triton is first
-imported. The two kernel test files cope in two ways: the attention kernel launches CPU tensors
-through an interpreted wrapper of its own (`kernels/attention.py`), and the cross-entropy
-interpreter tests run in a child pytest process with the variable set.
+Forcing "triton" on CPU tensors runs the kernels under the Triton interpreter: every kernel launch
+goes through `launchable(kernel, device)`, which interprets for CPU tensors whatever
+`TRITON_INTERPRET` said when triton was imported (see `InterpretedKernel`). That is how CI runs the
+real kernel code without a GPU. (The interpreter's `tl.dot` on bf16 operands is wrong in triton
+3.9: interpreter tests use fp32/fp16 where a kernel uses `tl.dot`.)
 """
 
 from __future__ import annotations
@@ -57,3 +57,70 @@ def force(choice: str) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+# ---------------------------------------------------------------- launching on CPU tensors
+
+
+class InterpretedKernel:
+    """``kernel[grid](...)`` under the Triton interpreter, for CPU tensors, whatever TRITON_INTERPRET
+    was when triton was imported.
+
+    Triton decides compiled vs interpreted at decoration time, triton.language's own @jit helpers
+    (tl.zeros, tl.max, tl.rand, ...) included, so setting TRITON_INTERPRET after triton is imported
+    (by any module of a pytest process) has no effect, and setting it before would also turn other
+    kernels' GPU tests into interpreter runs. Instead, for the duration of one launch:
+    triton.language is patched to the interpreter's semantics in one scope of our own (undone
+    afterwards: the interpreter's own nested-call path leaves tl.core patched, which would break
+    compiling CUDA kernels later in the process), the kernel runs as an InterpretedFunction, and
+    @jit functions it calls (our helpers, triton.language's) run as their interpreter rewrites
+    (JITFunction.__call__ otherwise refuses to run outside a compiled kernel). Uses
+    triton.runtime.interpreter internals (triton 3.x).
+    """
+
+    _interpreted: dict = {}
+    _rewritten: dict = {}
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        import types
+
+        from triton.runtime import interpreter
+        from triton.runtime.jit import JITFunction
+
+        fn = self.kernel.fn
+        if fn not in self._interpreted:
+            self._interpreted[fn] = interpreter.InterpretedFunction(fn)
+
+        def call_rewritten(jit_fn, *a, **kw):
+            f = jit_fn.fn
+            if f not in self._rewritten:
+                self._rewritten[f] = interpreter.InterpretedFunction(f).rewrite()
+            return self._rewritten[f](*a, **kw)
+
+        # _patch_lang patches the triton.language modules it finds in a function's globals.
+        import triton.language as tl
+
+        probe = types.FunctionType((lambda: None).__code__, {"tl": tl, "core": tl.core})
+        refuse = JITFunction.__call__
+        scope = interpreter._patch_lang(probe)
+        JITFunction.__call__ = call_rewritten
+        try:
+            self._interpreted[fn][grid](*args, **kwargs)
+        finally:
+            JITFunction.__call__ = refuse
+            scope.restore()
+
+
+def launchable(kernel, device: torch.device):
+    """The launchable form of `kernel` for tensors on `device`: compiled for CUDA, interpreted on CPU."""
+    from triton.runtime.jit import JITFunction
+
+    if device.type == "cpu" and isinstance(kernel, JITFunction):
+        return InterpretedKernel(kernel)
+    return kernel  # CUDA, or already an InterpretedFunction (TRITON_INTERPRET=1 at import)

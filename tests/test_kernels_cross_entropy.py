@@ -1,13 +1,8 @@
 """Fused linear cross-entropy (kernels/cross_entropy.py): the Triton path against the torch fp32 reference.
 
-Without a GPU the Triton path runs under the Triton interpreter on tiny shapes. The interpreter must
-be switched on (TRITON_INTERPRET=1) before triton is first imported: triton reads it when its own
-``@triton.jit`` library functions (tl.max, tl.sum, ...) are defined. In a full-suite run another
-test module has imported triton long before this one (engine.models imports this kernel module),
-so the interpreted tests (``test_interp_*``) then run in one child pytest process with
-TRITON_INTERPRET=1 in its environment only (``test_triton_path_in_subprocess``); nothing else in
-the suite sees the setting. Run alone on a machine without CUDA, this module is the first to import
-triton and interprets in-process. ``test_gpu_*`` need CUDA (compiled kernels, bf16 at real sizes).
+Without a GPU the Triton path runs under the Triton interpreter on tiny shapes (CPU tensors are
+launched through `kernels.backend.launchable`), so the real kernel code runs in every CI run.
+``test_gpu_*`` need CUDA (compiled kernels, bf16 at real sizes).
 
 Tolerances: fp32 ≤ 1e-5 relative. Half precision follows flash-attention's rule: the kernel's
 error against the fp32 reference must be at most ~2× the error of the reference itself computed
@@ -17,30 +12,16 @@ in that half dtype (plus fixed caps: fp16 loss ≤ 1e-3, grads ≤ 1e-2).
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    # First importer of triton on a CPU-only machine: Triton can only interpret here anyway.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernels import backend
+from kernels import cross_entropy as ce
 
-from kernels import backend  # noqa: E402
-from kernels import cross_entropy as ce  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETING = ce.interpreting()
 CUDA = torch.cuda.is_available()
 
-interp = pytest.mark.skipif(
-    not INTERPRETING, reason="triton was imported without TRITON_INTERPRET=1: run by test_triton_path_in_subprocess"
-)
-gpu = pytest.mark.skipif(not CUDA or INTERPRETING, reason="needs a CUDA GPU and compiled (not interpreted) kernels")
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +69,6 @@ def assert_close(got, want, tol, what=""):
 # --- the Triton path under the interpreter ---------------------------------------------------------------
 
 
-@interp
 @pytest.mark.parametrize(
     ("n", "v", "chunk_rows", "block_v", "weight_grad"),
     [
@@ -104,7 +84,20 @@ def test_interp_fp32_matches_reference(n, v, chunk_rows, block_v, weight_grad):
     assert_close(run("triton", hidden, weight, targets, **kw), run("reference", hidden, weight, targets, **kw), 1e-5)
 
 
-@interp
+def test_interp_path_launches_the_triton_kernels(monkeypatch):
+    """The Triton path really runs the kernels (interpreted on CPU), not the reference."""
+    launched = []
+    original = backend.InterpretedKernel._launch
+    monkeypatch.setattr(backend.InterpretedKernel, "_launch",
+                        lambda self, *a: (launched.append(self.kernel.fn.__name__), original(self, *a))[1])
+    hidden, weight, targets = make(n=6, v=50)
+    run("triton", hidden, weight, targets)
+    assert launched == ["_lce_rows_kernel", "_scale_kernel"]
+    launched.clear()
+    run("reference", hidden, weight, targets)
+    assert launched == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_interp_half_precision_within_dtype_noise(dtype):
     # The kernels only load/store half values and compute in fp32 (the GEMMs are torch's), so bf16
@@ -121,7 +114,6 @@ def test_interp_half_precision_within_dtype_noise(dtype):
         assert err <= min(cap, 2 * noise + 1e-6), f"output {i}: kernel {err:.2e}, reference in {dtype} {noise:.2e}"
 
 
-@interp
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_interp_all_rows_ignored(weight_grad):
     hidden, weight, targets = make(n=6, v=50)
@@ -137,7 +129,6 @@ def test_interp_all_rows_ignored(weight_grad):
     assert (out.argmax == ce.IGNORE_INDEX).all() and not out.correct.any()
 
 
-@interp
 def test_interp_reductions_and_normalizer():
     hidden, weight, targets = make(n=21, v=120, ignored=0.5)
     trained = int((targets != ce.IGNORE_INDEX).sum())
@@ -151,7 +142,6 @@ def test_interp_reductions_and_normalizer():
         assert torch.allclose(got[1], total[1] / divisor, rtol=1e-5, atol=1e-8)
 
 
-@interp
 @pytest.mark.parametrize("extra", [dict(z_loss=1e-2), dict(softcap=4.0), dict(z_loss=1e-3, softcap=2.5)])
 def test_interp_z_loss_and_softcap(extra):
     hidden, weight, targets = make(n=19, v=150, scale=1.0)
@@ -162,7 +152,6 @@ def test_interp_z_loss_and_softcap(extra):
     assert rel(want[0], plain[0]) > 1e-4  # the option really changes the loss being compared
 
 
-@interp
 def test_interp_per_token_loss_and_argmax():
     hidden, weight, targets = make(n=23, v=130, ignored=0.3)
     logits = hidden @ weight.t()
@@ -183,7 +172,6 @@ def test_interp_per_token_loss_and_argmax():
     assert not got.token_loss.requires_grad and not got.argmax.requires_grad
 
 
-@interp
 def test_interp_per_token_keeps_leading_shape_and_softcap_argmax():
     hidden, weight, targets = make(n=24, v=90)
     out, _, _ = run("triton", hidden.view(2, 12, -1), weight, targets.view(2, 12), return_per_token=True,
@@ -194,7 +182,6 @@ def test_interp_per_token_keeps_leading_shape_and_softcap_argmax():
     assert torch.equal(out.argmax, ref.argmax)  # tanh is monotonic: softcap keeps the argmax
 
 
-@interp
 def test_interp_frozen_weight_runs_no_weight_gemm(monkeypatch):
     calls = []
     real = ce._addmm_fp32_
@@ -206,7 +193,6 @@ def test_interp_frozen_weight_runs_no_weight_gemm(monkeypatch):
     assert gw is not None and len(calls) == 2  # 2 chunks of trained rows
 
 
-@interp
 def test_interp_no_gradients_computed_without_grad(monkeypatch):
     seen = []
     real = ce.linear_cross_entropy_forward
@@ -221,7 +207,6 @@ def test_interp_no_gradients_computed_without_grad(monkeypatch):
     assert seen and not seen[0]["grad_hidden"] and not seen[0]["grad_weight"]
 
 
-@interp
 def test_interp_backward_scales_by_grad_output_and_retains_graph():
     hidden, weight, targets = make(n=12, v=70)
     h = hidden.clone().requires_grad_(True)
@@ -236,7 +221,6 @@ def test_interp_backward_scales_by_grad_output_and_retains_graph():
     assert rel(h.grad, want) <= 1e-5
 
 
-@interp
 def test_interp_out_of_range_target_is_nan_not_a_crash():
     hidden, weight, targets = make(n=5, v=40, ignored=0.0)
     targets[2] = 40
@@ -245,7 +229,6 @@ def test_interp_out_of_range_target_is_nan_not_a_crash():
     assert out.loss.isnan() and out.token_loss[2].isnan() and out.token_loss[[0, 1, 3, 4]].isfinite().all()
 
 
-@interp
 def test_interp_model_loss_and_grads_match_reference(monkeypatch):
     from engine.models import CausalLM, ModelArgs
 
@@ -319,13 +302,6 @@ def test_chunk_rows_bound_memory_and_balance():
     assert r == 256 and -(-n // r) == 4
 
 
-@pytest.mark.skipif(INTERPRETING or CUDA, reason="checks the refusal without the interpreter on a CPU machine")
-def test_cpu_triton_without_interpreter_refuses_clearly():
-    hidden, weight, targets = make(n=4, v=10)
-    with backend.force("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        ce.linear_cross_entropy(hidden, weight, targets)
-
-
 def test_bench_reference_only_runs_on_cpu(tmp_path, capsys):
     # CI form of `python -m kernels.bench --reference-only --only ce`.
     from kernels.bench import main
@@ -337,22 +313,6 @@ def test_bench_reference_only_runs_on_cpu(tmp_path, capsys):
     assert any("torch" in n for n in names) and any("reference" in n for n in names)
     assert all(r["ms"] > 0 and r["tflops"] > 0 and isinstance(r["ratios"], dict) for r in rows)
     assert "ce" in capsys.readouterr().out
-
-
-# --- the child process that runs the interpreted tests ----------------------------------------------------
-
-
-@pytest.mark.skipif(INTERPRETING, reason="this process already interprets: the test_interp_* tests ran here")
-def test_triton_path_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ENGINE_KERNELS", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_", str(Path(__file__))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    summary = proc.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 15 and "skipped" not in summary, report
 
 
 # --- on a GPU: compiled kernels, bf16, int64 offsets, default dispatch ------------------------------------
