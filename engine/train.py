@@ -45,7 +45,8 @@ from engine.tokenizer import Tokenizer
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Settings that may change between an interrupted run and its resumption.
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens"}
+# (The number of ranks may change too: the data order, adapter and optimizer state do not depend on it.)
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size"}
 
 
 def opt(default, help: str, *, factory=None):
@@ -356,7 +357,10 @@ class Trainer:
 
         manifest = checkpoint.read_manifest(path)
         if manifest["world_size"] != self.dist.world_size:
-            raise TrainingError(f"{path} was written by {manifest['world_size']} ranks; resume with the same number")
+            # Adapter and optimizer state are saved whole and the data order is rank-independent, so
+            # the run continues the same; only per-rank random streams (dropout) start afresh.
+            self.log(f"resuming on {self.dist.world_size} rank(s) a run checkpointed on {manifest['world_size']}: "
+                     "same data order and state; dropout random streams are not restored")
         adapter = load_file(str(path / "adapter.safetensors"))
         named = dict(lora.named_trainable_lora_parameters(self.model))
         if set(adapter) != set(named):
@@ -367,7 +371,8 @@ class Trainer:
         state = torch.load(path / "optimizer.pt", weights_only=False)
         parallel.set_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(torch.load(path / f"rng_rank{self.dist.rank}.pt", weights_only=False))
+        if manifest["world_size"] == self.dist.world_size:
+            _set_rng_state(torch.load(path / f"rng_rank{self.dist.rank}.pt", weights_only=False))
         self.step = manifest["step"]
         self.last_checkpoint = path
 

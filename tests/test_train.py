@@ -174,6 +174,14 @@ def test_bad_settings_are_refused(setup, capsys):
     assert "batch_size must be >= 1" in capsys.readouterr().err
 
 
+def torchrun(config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "engine.train", "--config", str(config)],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_two_ranks_match_one_rank(setup, full_run):
     """The same run under torchrun with 2 CPU ranks (gloo, FSDP2): same losses and adapter."""
     root, ckpt, data = setup
@@ -186,13 +194,7 @@ def test_two_ranks_match_one_rank(setup, full_run):
     # In some steps the ranks get different numbers of packed rows, so one runs a zero-weight pass.
     assert [2, 1] in rows_per_rank
     out = setup[0] / "two_ranks"
-    config = write_toml(setup[0] / "two.toml", settings(setup, "two_ranks", record_tokens=True))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "engine.train", "--config", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = torchrun(write_toml(setup[0] / "two.toml", settings(setup, "two_ranks", record_tokens=True)))
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert losses(out) == pytest.approx(losses(full_run), abs=1e-5)
     assert max_diff(adapter(out), adapter(full_run)) <= 1e-5
@@ -249,3 +251,13 @@ def test_merge_cli_equals_stacked_adapter(setup, full_run, tmp_path):
         a, b, base = stacked(ids), merged(ids), from_pretrained(ckpt, dtype=torch.float32)(ids)
     assert (a - base).abs().max().item() > 1e-3  # the adapter changes the model
     assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_resume_on_a_different_number_of_ranks(setup, full_run, capsys):
+    """Checkpointed by 2 ranks after step 3, finished by 1 process: the uninterrupted run's result."""
+    proc = torchrun(write_toml(setup[0] / "ranks_part.toml", settings(setup, "ranks", max_steps=3)))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = run(setup, "ranks", resume=True)
+    assert "resuming on 1 rank(s) a run checkpointed on 2" in capsys.readouterr().err
+    assert losses(out) == pytest.approx(losses(full_run), abs=1e-5)
+    assert max_diff(adapter(out), adapter(full_run)) <= 1e-5
