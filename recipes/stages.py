@@ -297,6 +297,8 @@ def prepare_datasets(s: RunSettings, is_main: bool) -> list[Path]:
 
 def memory_estimate(model_args, train: dict, n_stacked: int, world_size: int) -> dict[str, float]:
     """Rough per-GPU bytes of a LoRA step under FSDP2 (parameters sharded over `world_size`)."""
+    from kernels.cross_entropy import CHUNK_BYTES
+
     a = model_args
     bytes_w = {"bfloat16": 2, "float16": 2, "float32": 4}[train.get("dtype", "bfloat16")]
     h, inter, L, V = a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.vocab_size
@@ -319,7 +321,9 @@ def memory_estimate(model_args, train: dict, n_stacked: int, world_size: int) ->
         "adapters fp32 (new + stacked, sharded)": lora_params * 4 * (1 + n_stacked) / world_size / gib,
         "adapter grads + AdamW state fp32 (sharded)": lora_params * 12 / world_size / gib,
         f"activations ({tokens} tokens/micro-batch, {act_per_token / 1024:.0f} KiB/token)": tokens * act_per_token / gib,
-        "loss (fp32 logits + grad of a micro-batch, upper bound)": tokens * V * 8 / gib,
+        # The fused cross-entropy (the CUDA default) holds one (rows x vocab) chunk of logits at a
+        # time plus d_hidden; the torch reference path would hold (trained tokens x vocab) instead.
+        "loss (fused CE: one logits chunk + d_hidden)": (CHUNK_BYTES + 2 * tokens * h * bytes_w) / gib,
     }
     est["total"] = sum(est.values())
     return est
