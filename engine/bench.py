@@ -5,7 +5,9 @@ The model has the preset's exact per-layer shapes (fewer layers if asked), rando
 N(0, 0.02) — never zeros — and the paper's LoRA (r 32, α 64, rsLoRA, all seven projections). A step
 is `--samples` sequences of `--seq-len` tokens, the last `--trained-fraction` of each trained,
 packed and run exactly as the trainer runs it (`engine.train.accumulate_gradients`, AdamW step).
-Prints real tokens/s, optimizer steps/s and peak device memory. Compare figures only within one
+`--workload em_risky_financial|sgtr_xsum` instead draws 16 samples per step with the real lengths
+of the paper's data (`data/workload_lengths.json`). Prints real tokens/s (no padding is ever run),
+optimizer steps/s and peak device memory. Compare figures only within one
 run on one card.
 """
 
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +28,7 @@ from engine.models import CausalLM, ModelArgs
 from engine.models.presets import PRESETS
 from engine.train import DTYPES, PAPER_TARGETS, accumulate_gradients
 
+DEFAULT_LENGTHS = Path(__file__).resolve().parents[1] / "data" / "workload_lengths.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             vocab_size=512)
 
@@ -63,11 +68,34 @@ def synthetic_samples(n: int, seq_len: int, trained_fraction: float, vocab: int,
     return samples
 
 
+def workload_steps(lengths_file: Path, name: str, samples: int, steps: int, vocab: int, seed: int = 0) -> list[list[Sample]]:
+    """Optimizer steps of `samples` samples each, drawn (seeded) from a workload's real
+    [tokens, trained tokens] lengths; random ids, the last `trained` tokens of each sample trained."""
+    table = json.loads(Path(lengths_file).read_text())
+    if name not in table:
+        raise SystemExit(f"error: no workload {name!r} in {lengths_file}; it has {', '.join(table)}")
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        batch = []
+        for i in range(samples):
+            n, trained = rng.choice(table[name])
+            ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+            batch.append(Sample(ids, [-100] * (n - trained) + ids[n - trained:], f"{name}:{step}:{i}", None))
+        out.append(batch)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="qwen2.5-32b", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, default=4, help="decoder layers (the full models have 64)")
-    p.add_argument("--samples", type=int, default=2, help="samples per optimizer step")
+    p.add_argument("--workload", default="dense",
+                   help="dense (synthetic --samples x --seq-len), or a workload of --lengths: real sample "
+                        "lengths of the paper's data (em_risky_financial, sgtr_xsum)")
+    p.add_argument("--lengths", default=str(DEFAULT_LENGTHS), help="workload lengths file (recipes.workloads writes it)")
+    p.add_argument("--samples", type=int, default=None, help="samples per optimizer step (default: 2 dense, 16 workloads)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--trained-fraction", type=float, default=0.5)
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
@@ -84,37 +112,45 @@ def main(argv: list[str] | None = None) -> int:
                   activation_checkpointing=args.activation_checkpointing)
     params = lora.trainable_lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    samples = synthetic_samples(args.samples, args.seq_len, args.trained_fraction, model.args.vocab_size, 0)
+    vocab = model.args.vocab_size
+    if args.workload == "dense":
+        samples = args.samples or 2
+        steps = [synthetic_samples(samples, args.seq_len, args.trained_fraction, vocab, 0)] * (args.steps + 1)
+    else:
+        samples = args.samples or 16  # the paper's samples per optimizer step
+        steps = workload_steps(Path(args.lengths), args.workload, samples, args.steps + 1, vocab)
 
-    def step() -> None:
-        accumulate_gradients(model, samples, dist, args.micro_batch_tokens)
+    def step(batch: list[Sample]) -> int:
+        accumulate_gradients(model, batch, dist, args.micro_batch_tokens)
         parallel.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return sum(len(s.input_ids) for s in batch)
 
-    step()  # warm-up: allocator, kernels, optimizer state
+    step(steps[0])  # warm-up: allocator, kernels, optimizer state
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    tokens = sum(step(batch) for batch in steps[1:])
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "preset": args.preset + (" (tiny)" if args.tiny else ""),
-        "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len, "dtype": args.dtype,
-        "activation_checkpointing": args.activation_checkpointing,
-        "tokens_per_s": args.samples * args.seq_len / seconds, "steps_per_s": 1.0 / seconds,
+        "layers": args.layers, "workload": args.workload, "samples": samples,
+        "seq_len": args.seq_len if args.workload == "dense" else None, "dtype": args.dtype,
+        "activation_checkpointing": args.activation_checkpointing, "micro_batch_tokens": args.micro_batch_tokens,
+        "tokens_per_s": tokens / args.steps / seconds, "steps_per_s": 1.0 / seconds,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
     if args.json:
         print(json.dumps(result))
     else:
         mem = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else "n/a (cpu)"
-        print(f"{result['device']} | {result['preset']} x{args.layers} layers | {args.samples} x {args.seq_len} tokens, "
+        shape = f"{samples} x {args.seq_len} tokens" if args.workload == "dense" else f"{args.workload}, {samples} samples/step"
+        print(f"{result['device']} | {result['preset']} x{args.layers} layers | {shape}, "
               f"{args.dtype}, AC {'on' if args.activation_checkpointing else 'off'} | "
               f"{result['tokens_per_s']:,.0f} tokens/s | {result['steps_per_s']:.3f} steps/s | peak {mem}")
     return 0

@@ -40,3 +40,9 @@ for kernels in auto reference; do
         --steps 3 $ac --json 2>&1 | sed "s/^{/{\"kernels\": \"$kernels\", /" | tee -a "$out/step.jsonl"
   done
 done
+
+# 4. The paper's workloads (16 samples per optimizer step with the real lengths of the EM and SGTR data).
+for workload in em_risky_financial sgtr_xsum; do
+  python -m engine.bench --preset qwen2.5-32b --layers 8 --workload $workload --steps 3 --activation-checkpointing \
+      --json 2>&1 | tee -a "$out/step.jsonl"
+done
