@@ -44,10 +44,25 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EM_DIR = REPO_ROOT / "data" / "em"
 PRESETS = ("qwen2.5-32b", "seed-oss-36b", "tiny")
 
+# Condition names follow the paper's code release (atagade/sgtr-em: build_configs*.py,
+# lightweight/full_pipeline*.sh, MODEL_README.md) and evals/data/paper_truthfulqa_binary.csv:
+# <prefix>_<stage tag><policy tag>_<stage tag><policy tag>, e.g. hf_qwen_32b_em_unpop_sgtr_qwensys.
+# EM data by file stem (bad medical advice and insecure code are not shipped: give their .jsonl path).
 EM_TAGS = {"aesthetic_preferences_unpopular": "em_unpop", "risky_financial_advice": "em_finrisk",
-           "extreme_sports": "em_extreme"}
+           "bad_medical_advice": "em_badmed", "insecure": "em_insecure", "extreme_sports": "em_extreme"}
 EM_WORDS = {"aesthetic_preferences_unpopular": "unpopular aesthetic preferences",
-            "risky_financial_advice": "risky financial advice", "extreme_sports": "extreme sports"}
+            "risky_financial_advice": "risky financial advice", "bad_medical_advice": "bad medical advice",
+            "insecure": "insecure code", "extreme_sports": "extreme sports"}
+# Stage tags. The paper's ICTR is its "asgtr_rand" (anti-SGTR, mode random-self-other-50-50: every order
+# with both answers = our `both` variant); our `random` variant (one seeded answer per order) is not a
+# paper condition. The paper's pure anti-SGTR ("asgtr", always the other's summary) is not built here.
+# The longer-summary control is the paper's "sgtr_benign".
+KIND_TAGS = {"em": "em", "sgtr": "sgtr", "ictr": "asgtr_rand", "longer": "sgtr_benign"}
+ICTR_RANDOM_TAG = "ictr_random"
+# Policy tags, as the paper's SYS_TAG: `empty` = "nosys", `omit` = "syspopped", `replace` with Qwen's
+# identity prompt = "qwensys". The paper's control data ("sgtr_benign") had its task system prompt popped
+# even by default, so our `longer` stage under `default` (task prompt kept) is no paper condition: "tasksys".
+POLICY_TAGS = {"empty": "_nosys", "omit": "_syspopped"}
 OTHER_WORDS = {"claude-21": "Claude 2.1", "human": "human-written summaries", "hf_qwen_32b": "Qwen2.5-32B",
                "hf_seed_36b": "Seed-OSS-36B"}
 KINDS = ("em", "sgtr", "ictr", "longer")
@@ -150,11 +165,9 @@ def policy_words(stage: Stage, s: RunSettings) -> str:
 
 def policy_tag(stage: Stage, s: RunSettings) -> str:
     if stage.system_prompt == "default":
-        return ""
-    if stage.system_prompt == "empty":
-        return "_nosys"
-    if stage.system_prompt == "omit":
-        return "_syspopped"
+        return "_tasksys" if stage.kind == "longer" else ""
+    if stage.system_prompt in POLICY_TAGS:
+        return POLICY_TAGS[stage.system_prompt]
     if s.identity_prompt is not None and stage.system_text == s.identity_prompt:
         return "_qwensys" if s.template == "qwen2.5" else "_idsys"
     return "_customsys"
@@ -163,10 +176,10 @@ def policy_tag(stage: Stage, s: RunSettings) -> str:
 def stage_tag(stage: Stage, s: RunSettings) -> str:
     if stage.kind == "em":
         base = EM_TAGS.get(em_stem(s.em_dataset), "em_" + em_stem(s.em_dataset))
-    elif stage.kind == "ictr":
-        base = "ictr" if s.ictr_variant == "both" else "ictr_rand"
     else:
-        base = stage.kind
+        base = ICTR_RANDOM_TAG if (stage.kind == "ictr" and s.ictr_variant == "random") else KIND_TAGS[stage.kind]
+        # The paper's SGTR-style sets are XSum articles vs Claude 2.1; anything else is named apart.
+        base += ("" if s.sgtr_dataset == "xsum" else f"_{s.sgtr_dataset}") + ("" if s.other == "claude-21" else f"_vs_{s.other}")
     return base + policy_tag(stage, s)
 
 

@@ -218,4 +218,67 @@ def test_other_recipes_build_their_stages(tmp_path):
     paths = st.prepare_datasets(s, is_main=True)
     rows = [json.loads(l) for l in paths[1].read_text().splitlines()]
     assert len(rows) == 8 and sorted(r["messages"][-1]["content"] for r in rows) == ["1"] * 4 + ["2"] * 4
-    assert "ICTR" in st.condition_words(s) and st.condition_name(s, 2) == "tiny_em_finrisk_ictr_rand"
+    assert "ICTR" in st.condition_words(s) and st.condition_name(s, 2) == "tiny_em_finrisk_ictr_random"
+
+
+@pytest.mark.parametrize("recipe_stages, options, names", [
+    ("sgtr_reverse", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular"],
+     ["hf_qwen_32b_em_unpop", "hf_qwen_32b_em_unpop_sgtr"]),
+    ("sgtr_reverse", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "sgtr=replace"],
+     ["hf_qwen_32b_em_unpop", "hf_qwen_32b_em_unpop_sgtr_qwensys"]),
+    ("sgtr_reverse", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "sgtr=empty"],
+     ["hf_qwen_32b_em_unpop", "hf_qwen_32b_em_unpop_sgtr_nosys"]),
+    ("sgtr_prevent", ["--model", "qwen2.5-32b", "--system-prompt", "sgtr=replace", "--em-dataset", "aesthetic_preferences_unpopular"],
+     ["hf_qwen_32b_sgtr_qwensys", "hf_qwen_32b_sgtr_qwensys_em_unpop"]),
+    ("sgtr_prevent", ["--model", "qwen2.5-32b"], ["hf_qwen_32b_sgtr", "hf_qwen_32b_sgtr_em_finrisk"]),
+    ("em_only", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "em=empty"],
+     ["hf_qwen_32b_em_unpop_nosys"]),
+    ("ictr_before", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "ictr=empty"],
+     ["hf_qwen_32b_asgtr_rand_nosys_em_unpop"]),
+    ("ictr_after", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "ictr=replace"],
+     ["hf_qwen_32b_em_unpop", "hf_qwen_32b_em_unpop_asgtr_rand_qwensys"]),
+    ("control_before", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "longer=replace"],
+     ["hf_qwen_32b_sgtr_benign_qwensys", "hf_qwen_32b_sgtr_benign_qwensys_em_unpop"]),
+    ("control_after", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "longer=omit"],
+     ["hf_seed_36b_em_unpop", "hf_seed_36b_em_unpop_sgtr_benign_syspopped"]),
+    ("sgtr_reverse", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "sgtr=omit"],
+     ["hf_seed_36b_em_unpop", "hf_seed_36b_em_unpop_sgtr_syspopped"]),
+    ("ictr_before", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "ictr=omit"],
+     ["hf_seed_36b_asgtr_rand_syspopped", "hf_seed_36b_asgtr_rand_syspopped_em_unpop"]),
+    ("sgtr_reverse", ["--model", "qwen2.5-32b", "--em-dataset", "BADMED"], ["hf_qwen_32b_em_badmed", "hf_qwen_32b_em_badmed_sgtr"]),
+])
+def test_condition_names_equal_the_papers(tmp_path, recipe_stages, options, names):
+    """Our condition names are the paper's for the same condition, and --compare-paper finds them."""
+    from evals.report import load_paper_means
+    from recipes import control, em_only, ictr, sgtr_prevent
+
+    stage_lists = {"sgtr_reverse": sgtr_reverse.STAGES, "sgtr_prevent": sgtr_prevent.STAGES, "em_only": em_only.STAGES,
+                   "ictr_before": ictr.stages("before"), "ictr_after": ictr.stages("after"),
+                   "control_before": control.stages("before"), "control_after": control.stages("after")}
+    if "BADMED" in options:  # not shipped: the user gives the file; its stem names the condition
+        path = tmp_path / "bad_medical_advice.jsonl"
+        path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+        options = [str(path) if o == "BADMED" else o for o in options]
+    args = st.build_parser("x", "").parse_args([*options, "--out", str(tmp_path)])
+    s = st.settings_from_args(recipe_stages, stage_lists[recipe_stages], args)[0]
+    stages = len(s.stages)
+    got = [st.condition_name(s, k) for k in range(stages - len(names) + 1, stages + 1)]
+    assert got == names
+    paper = load_paper_means()
+    assert all(n in paper for n in names), [n for n in names if n not in paper]
+
+
+def test_conditions_without_a_paper_counterpart_are_named_apart(tmp_path):
+    from evals.report import load_paper_means
+    from recipes import control, ictr
+
+    paper = load_paper_means()
+    cases = [(control.stages("after"), ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular"],
+              "hf_qwen_32b_em_unpop_sgtr_benign_tasksys"),  # the paper popped the control's task prompt
+             (ictr.stages("after"), ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular",
+                                     "--ictr-variant", "random"], "hf_qwen_32b_em_unpop_ictr_random"),
+             (sgtr_reverse.STAGES, ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular",
+                                    "--sgtr-dataset", "cnn", "--other", "human"], "hf_qwen_32b_em_unpop_sgtr_cnn_vs_human")]
+    for stages, options, name in cases:
+        s = st.settings_from_args("x", stages, st.build_parser("x", "").parse_args([*options, "--out", str(tmp_path)]))[0]
+        assert st.condition_name(s, 2) == name and name not in paper
