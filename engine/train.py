@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import checkpoint, lora, parallel
+from engine import checkpoint, lora, memory, parallel
 from engine.chat import SystemPolicy
 from engine.config import ConfigError, config_diff, load_config
 from engine.data import DataError, DataErrors, PackedBatch, Sample, collate_packed, load_samples, pack
@@ -46,7 +46,7 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 # Settings that may change between an interrupted run and its resumption.
 # (The number of ranks may change too: the data order, adapter and optimizer state do not depend on it.)
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size"}
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib"}
 
 
 def opt(default, help: str, *, factory=None):
@@ -94,6 +94,8 @@ class TrainConfig:
     record_tokens: bool = opt(False, "write every step's full token stream under tokens/")
     log_every: int = opt(1, "progress line every N steps")
     resume: bool = opt(False, "continue the run in out_dir from its last complete checkpoint")
+    memory_gib: float | None = opt(None, "device memory to check the memory estimate against "
+                                         "(default: the CUDA device's; no check on CPU)")
 
     def __post_init__(self) -> None:
         checks = [
@@ -283,6 +285,7 @@ class Trainer:
         self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
 
         self.lora_config = cfg.lora_config()
+        self.check_memory()
         self.model = build_model(cfg, dist)
         self.params = lora.trainable_lora_parameters(self.model)
         self.optimizer = torch.optim.AdamW(
@@ -294,6 +297,22 @@ class Trainer:
         )
         self.step = 0  # optimizer steps done
         self.last_checkpoint: Path | None = None
+
+    def check_memory(self) -> None:
+        """Print the per-GPU memory estimate; refuse, before loading anything, a step that won't fit."""
+        cfg, dist = self.cfg, self.dist
+        config = json.loads((resolve_checkpoint_dir(cfg.model) / "config.json").read_text())
+        est = memory.estimate(ModelArgs.from_hf_config(config), dtype=cfg.dtype, lora_r=cfg.lora_r,
+                              lora_targets=cfg.lora_targets, micro_batch_tokens=cfg.micro_batch_tokens,
+                              activation_checkpointing=cfg.activation_checkpointing,
+                              n_stacked=len(cfg.stack_adapters), world_size=dist.world_size)
+        where = f"{'GPU' if dist.device.type == 'cuda' else 'process'} ({dist.world_size} rank(s))"
+        for line in memory.format_estimate(est, where):
+            self.log(line)
+        try:
+            memory.check_fits(est, dist.device, cfg.memory_gib)
+        except memory.WontFit as e:
+            raise TrainingError(str(e)) from None
 
     # ------------------------------------------------------------ start / resume
 

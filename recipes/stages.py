@@ -305,68 +305,6 @@ def prepare_datasets(s: RunSettings, is_main: bool) -> list[Path]:
     return paths
 
 
-# ------------------------------------------------------------------------------------ memory
-
-
-def memory_estimate(model_args, train: dict, n_stacked: int, world_size: int) -> dict[str, float]:
-    """Rough per-GPU bytes of a LoRA step under FSDP2 (parameters sharded over `world_size`)."""
-    from kernels.cross_entropy import CHUNK_BYTES
-
-    a = model_args
-    bytes_w = {"bfloat16": 2, "float16": 2, "float32": 4}[train.get("dtype", "bfloat16")]
-    h, inter, L, V = a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.vocab_size
-    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h + q + 2 * kv
-    n_params = L * per_layer + V * h * (1 if a.tie_word_embeddings else 2) + h
-    r = int(train.get("lora_r", 32))
-    targets = train.get("lora_targets") or list(shapes)
-    lora_params = L * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
-    tokens = int(train.get("micro_batch_tokens", 4096))
-    ckpt = bool(train.get("activation_checkpointing", False))
-    one_layer = bytes_w * (8 * h + 2 * q + 4 * kv + 4 * inter)  # live activations of one layer, per token
-    act_per_token = L * bytes_w * h + one_layer if ckpt else L * one_layer
-    gib = 1024 ** 3
-    est = {
-        "weights (sharded)": n_params * bytes_w / world_size / gib,
-        "unsharded layers (FSDP all-gather, 2 in flight)": 2 * per_layer * bytes_w / gib if world_size > 1 else 0.0,
-        "adapters fp32 (new + stacked, sharded)": lora_params * 4 * (1 + n_stacked) / world_size / gib,
-        "adapter grads + AdamW state fp32 (sharded)": lora_params * 12 / world_size / gib,
-        f"activations ({tokens} tokens/micro-batch, {act_per_token / 1024:.0f} KiB/token)": tokens * act_per_token / gib,
-        # The fused cross-entropy (the CUDA default) holds one (rows x vocab) chunk of logits at a
-        # time plus d_hidden; the torch reference path would hold (trained tokens x vocab) instead.
-        "loss (fused CE: one logits chunk + d_hidden)": (CHUNK_BYTES + 2 * tokens * h * bytes_w) / gib,
-    }
-    est["total"] = sum(est.values())
-    return est
-
-
-def check_memory(s: RunSettings, model: str, n_stacked: int, dist, log) -> None:
-    import torch
-
-    from engine.models import ModelArgs
-    from engine.models.loading import resolve_checkpoint_dir
-
-    config = json.loads((resolve_checkpoint_dir(model) / "config.json").read_text())
-    est = memory_estimate(ModelArgs.from_hf_config(config), s.train, n_stacked, dist.world_size)
-    log(f"memory estimate per {'GPU' if dist.device.type == 'cuda' else 'process'} ({dist.world_size} rank(s)):")
-    for k, v in est.items():
-        log(f"  {k:70s} {v:8.2f} GiB")
-    if s.memory_gib is not None:
-        available, where = s.memory_gib, f"--memory-gib {s.memory_gib}"
-    elif dist.device.type == "cuda":
-        available = torch.cuda.get_device_properties(dist.device).total_memory / 1024 ** 3
-        where = f"{torch.cuda.get_device_name(dist.device)}, {available:.1f} GiB"
-    else:
-        return  # on CPU without --memory-gib: no check
-    if est["total"] > 0.92 * available:
-        raise RecipeError(
-            f"will not fit: about {est['total']:.1f} GiB per GPU estimated, {where} available (92% usable). "
-            "Use more GPUs (torchrun --nproc_per_node N, or several nodes), activation_checkpointing = true, "
-            "or a smaller micro_batch_tokens (--train micro_batch_tokens=2048)")
-
-
 # ------------------------------------------------------------------------------------ running
 
 
@@ -502,11 +440,10 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
         else:
             settings = {**s.train, "model": model, "data": [str(datasets[i - 1])], "template": s.template,
                         "out_dir": str(d), "system_prompt": stage.system_prompt, "system_text": stage.system_text,
-                        "stack_adapters": list(adapters), "seed": s.seed,
+                        "stack_adapters": list(adapters), "seed": s.seed, "memory_gib": s.memory_gib,
                         "resume": (d / "config.json").is_file()}
             cfg = TrainConfig(**settings)
             log(f"stage {i}/{len(s.stages)}: {stage_words(stage, s)}" + (" (resuming)" if cfg.resume else ""))
-            check_memory(s, model, len(adapters), dist, log)
             trainer = Trainer(cfg, dist)
             trainer.run()
             del trainer

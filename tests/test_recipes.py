@@ -171,7 +171,7 @@ def test_resume_after_interruption_between_and_within_stages(tmp_path, tiny_mode
     assert started == []
 
 
-def test_settings_policies_and_memory_refusal(tmp_path):
+def test_settings_and_policies(tmp_path):
     p = st.build_parser("x", "")
     args = p.parse_args(["--model", "qwen2.5-32b", "--system-prompt", "em=replace", "--system-prompt", "sgtr=empty",
                          "--seeds", "0,1,2", "--em-dataset", "aesthetic_preferences_unpopular", "--out", str(tmp_path)])
@@ -184,27 +184,6 @@ def test_settings_policies_and_memory_refusal(tmp_path):
     assert "matching" in st.condition_words(s) and "NoQwenSys" in st.condition_words(s)
     assert s.train["lora_r"] == 32 and s.train["lr"] == 1e-5 and s.train["batch_size"] == 16
     assert s.run_dir == tmp_path.resolve() / "sgtr_reverse" / "qwen2.5-32b" / "seed0"
-
-    from engine.models import ModelArgs
-    from engine.models.presets import QWEN25_32B_CONFIG
-
-    one = st.memory_estimate(ModelArgs.from_hf_config(QWEN25_32B_CONFIG), s.train, 1, 1)
-    eight = st.memory_estimate(ModelArgs.from_hf_config(QWEN25_32B_CONFIG), s.train, 1, 8)
-    assert 55 < one["weights (sharded)"] < 70  # 32.8B bf16 parameters
-    assert abs(eight["weights (sharded)"] * 8 - one["weights (sharded)"]) < 1e-9
-    assert eight["total"] < 20 and one["total"] > 60
-
-    class Dist:
-        world_size, device = 1, torch.device("cpu")
-
-    cfg_dir = tmp_path / "ckpt"
-    cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(json.dumps(QWEN25_32B_CONFIG))
-    s.memory_gib = 40.0
-    with pytest.raises(st.RecipeError, match="will not fit"):
-        st.check_memory(s, str(cfg_dir), 1, Dist(), lambda m: None)
-    s.memory_gib = 1000.0
-    st.check_memory(s, str(cfg_dir), 1, Dist(), lambda m: None)  # fits: no error
 
 
 def test_other_recipes_build_their_stages(tmp_path):

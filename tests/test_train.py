@@ -261,3 +261,11 @@ def test_resume_on_a_different_number_of_ranks(setup, full_run, capsys):
     assert "resuming on 1 rank(s) a run checkpointed on 2" in capsys.readouterr().err
     assert losses(out) == pytest.approx(losses(full_run), abs=1e-5)
     assert max_diff(adapter(out), adapter(full_run)) <= 1e-5
+
+
+def test_memory_estimate_is_printed_and_a_step_that_wont_fit_is_refused(setup, tmp_path, capsys):
+    config = write_toml(tmp_path / "mem.toml", settings(setup, "mem", out_dir=str(tmp_path / "mem"), memory_gib=1e-4))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "memory estimate per process (1 rank(s)):" in err and "will not fit" in err
+    assert not (tmp_path / "mem").exists()  # refused before anything was written

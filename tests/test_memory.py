@@ -1,0 +1,35 @@
+"""The per-GPU memory estimate printed before training, and the refusal of a step that won't fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.memory import WontFit, check_fits, estimate
+from engine.models import ModelArgs
+from engine.models.presets import QWEN25_32B_CONFIG, SEED_OSS_36B_CONFIG
+
+
+def test_estimate_scales_with_shards_and_checkpointing():
+    args = ModelArgs.from_hf_config(QWEN25_32B_CONFIG)
+    one = estimate(args, activation_checkpointing=True, world_size=1)
+    eight = estimate(args, activation_checkpointing=True, world_size=8)
+    assert 60 < one["weights (sharded)"] < 62  # 32.76B bf16 parameters = 61.0 GiB
+    assert eight["weights (sharded)"] * 8 == pytest.approx(one["weights (sharded)"])
+    # r32 on the seven projections of 64 layers: 32 * (in + out) summed = 4,194,304 per layer,
+    # 268,435,456 fp32 parameters = 1.0 GiB.
+    assert one["adapters fp32 (new + stacked, sharded)"] == pytest.approx(268_435_456 * 4 / 2**30)
+    no_ckpt = estimate(args, activation_checkpointing=False)
+    act = [k for k in one if k.startswith("activations")][0]
+    act_no = [k for k in no_ckpt if k.startswith("activations")][0]
+    assert no_ckpt[act_no] > 10 * one[act]
+    assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
+    assert estimate(ModelArgs.from_hf_config(SEED_OSS_36B_CONFIG))["weights (sharded)"] > one["weights (sharded)"]
+
+
+def test_refusal_names_the_figures():
+    est = estimate(ModelArgs.from_hf_config(QWEN25_32B_CONFIG), world_size=1)
+    with pytest.raises(WontFit, match=r"will not fit: about \d+\.\d GiB per GPU estimated, 40\.0 GiB given"):
+        check_fits(est, torch.device("cpu"), available_gib=40.0)
+    check_fits(est, torch.device("cpu"), available_gib=1000.0)  # fits
+    check_fits(est, torch.device("cpu"))  # CPU without a given size: nothing to check
