@@ -261,3 +261,25 @@ def test_conditions_without_a_paper_counterpart_are_named_apart(tmp_path):
     for stages, options, name in cases:
         s = st.settings_from_args("x", stages, st.build_parser("x", "").parse_args([*options, "--out", str(tmp_path)]))[0]
         assert st.condition_name(s, 2) == name and name not in paper
+
+
+def test_default_command_under_torchrun_two_ranks(tmp_path, tiny_model):
+    """The README's main job under torchrun: training shards over 2 CPU ranks and the evals split
+    their prompts over the same ranks (every rank must take part, or the run would hang)."""
+    import os
+    import subprocess
+    import sys
+
+    out = _out(tmp_path, tiny_model, "runs2")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "recipes/sgtr_reverse.py", "--out", str(out), "--limit-train", "8", "--limit-eval", "2"],
+        cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "run directory:" in proc.stdout + proc.stderr
+    evals = out / "sgtr_reverse" / "tiny" / "seed0" / "evals"
+    summaries = sorted(p.name for p in evals.glob("*/*_summary.json"))
+    assert summaries.count("truthfulqa_robust_summary.json") == 3  # the base model and after each stage
+    assert summaries.count("self_recognition_cnn_summary.json") == 3
