@@ -18,7 +18,8 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -53,7 +54,7 @@ def commit(tmp: Path, meta: dict) -> Path:
     for path in sorted(tmp.iterdir()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"files": files, **meta}
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -83,7 +84,7 @@ def verify(path: Path) -> list[str]:
             problems.append(f"{f}: missing")
         elif f.stat().st_size != info["bytes"]:
             problems.append(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} (truncated?)")
-        elif _sha256(f) != info["sha256"]:
+        elif sha256_file(f) != info["sha256"]:
             problems.append(f"{f}: content does not match the manifest's SHA-256")
     return problems
 

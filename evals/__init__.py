@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from engine.checkpoint import sha256_file  # stdlib only: this module stays torch-free
 
 EXIT_BAD_INPUT = 2
 _owns_process_group = False  # load_generator started the torchrun process group itself
@@ -72,14 +73,6 @@ def atomic_write_csv(path: str | os.PathLike, fieldnames: list[str], rows: Itera
     for row in rows:
         writer.writerow(row)
     return atomic_write_text(path, buf.getvalue())
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def utc_now() -> str:

@@ -29,13 +29,12 @@ sm_90 and prints shared memory, registers per thread and spills of each.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from kernels.bench import measure
 
 N_HEADS, N_KV, HEAD_DIM = 40, 8, 128
 SEQ = 4096
@@ -57,35 +56,6 @@ SWEEP = [  # (fwd m, n, warps, stages, dkdv m, n, warps, stages, dq m, n, warps,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn-sweep", action="store_true",
                         help="also time alternative tile configurations of the attention kernels")
-
-
-def _measure(step: Callable[[], None], device: torch.device, repeats: int, warmup: int,
-             reset: Callable[[], None]) -> tuple[float, float | None]:
-    """(median ms, peak extra GiB or None on CPU), as kernels.bench.measure."""
-    for _ in range(warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        reset()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), None
 
 
 def _causal_flops(lengths, n_heads, head_dim, backward: bool) -> float:
@@ -195,7 +165,7 @@ def _time_case(args, device, case, lengths, n_heads, n_kv, head_dim, dtype, impl
                     fn(*leaves)
 
         try:
-            ms, extra = _measure(step, device, args.repeats, args.warmup, reset)
+            ms, extra = measure(step, device, args.repeats, args.warmup, reset)
         except RuntimeError as e:  # a backend that refuses the shape/dtype/GQA on this card
             print(f"attention: {name} unavailable for {case}: {str(e).splitlines()[0]}", file=sys.stderr)
             continue

@@ -39,6 +39,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.checkpoint import sha256_file
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EM_DIR = REPO_ROOT / "data" / "em"
@@ -228,14 +230,6 @@ def eval_points(s: RunSettings) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ datasets
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_stage_rows(stage: Stage, s: RunSettings) -> tuple[list[str] | None, list[dict] | None, str]:
