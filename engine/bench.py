@@ -1,28 +1,48 @@
-"""Time LoRA optimizer steps of a 32B/36B-shaped model with random weights on one device:
-`python -m engine.bench --preset qwen2.5-32b --layers 8 --steps 3`.
+"""Time LoRA optimizer steps of a 32B/36B-shaped model against HF transformers + PEFT (+ Liger),
+all in one run on one card:
 
-The model has the preset's exact per-layer shapes (fewer layers if asked), random bf16 weights from
-N(0, 0.02) — never zeros — and the paper's LoRA (r 32, α 64, rsLoRA, all seven projections). A step
-is `--samples` sequences of `--seq-len` tokens, the last `--trained-fraction` of each trained,
-packed and run exactly as the trainer runs it (`engine.train.accumulate_gradients`, AdamW step).
-`--workload em_risky_financial|sgtr_xsum` instead draws 16 samples per step with the real lengths
-of the paper's data (`data/workload_lengths.json`). Prints real tokens/s (no padding is ever run),
-optimizer steps/s and peak device memory. Compare figures only within one
-run on one card.
+    python -m engine.bench --layers 64 --write BENCHMARKS.md
+
+Every engine gets a model with the preset's exact per-layer shapes (fewer layers if asked), random
+bf16 weights from N(0, 0.02) — never zeros — and the paper's LoRA (r 32, α 64, rsLoRA, all seven
+projections, fp32 adapters, AdamW), and runs the same samples:
+
+* ``dense``: 2 samples × 2048 tokens per optimizer step, the second half of each trained;
+* ``em_risky_financial``, ``sgtr_xsum``: 16 samples per optimizer step (the paper's) with the real
+  [tokens, trained tokens] lengths of the shipped data (``data/workload_lengths.json``).
+
+Engines: ``ours`` (the trainer's own step, ``engine.train.accumulate_gradients``: packed rows of
+``--micro-batch-tokens``, the loss only over trained rows, no padding) with activation
+checkpointing on every layer (``ours-ac``) and on as few layers as the memory estimate allows on
+this device (``ours-auto``); ``hf`` (transformers + PEFT with non-reentrant gradient checkpointing
+and bf16 autocast, the way Axolotl runs it: micro-batches of 2 padded to the longer sample, 8
+accumulation steps for the workloads) and ``hfliger`` (the same with Liger-Kernel's Qwen2 patches),
+when importable. Prints one row per engine and workload: seconds per optimizer step, real (non-pad)
+tokens/s, optimizer steps/s, peak device memory (and our memory estimate), TFLOP/s in one
+convention for all engines, and the ratio to each reference. ``--write`` appends the table, with the
+card, versions and date, to a Markdown file. Compare figures only within one run on one card.
+
+Under ``torchrun --nproc_per_node N`` our engine runs sharded with FSDP2 exactly as the trainer
+does (16 samples per step over all ranks); the references are single-GPU and are skipped.
+``--tiny`` shrinks every dimension: a CPU check of the script (CI runs it), no timing claims.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from engine import lora, parallel
+from engine import lora, memory, parallel
 from engine.data import Sample
 from engine.models import CausalLM, ModelArgs
 from engine.models.presets import PRESETS
@@ -31,30 +51,93 @@ from engine.train import DTYPES, PAPER_TARGETS, accumulate_gradients
 DEFAULT_LENGTHS = Path(__file__).resolve().parents[1] / "data" / "workload_lengths.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             vocab_size=512)
+ENGINES = ("ours-ac", "ours-auto", "hf", "hfliger")
+REFERENCES = ("hf", "hfliger")
+WORKLOADS = ("dense", "em_risky_financial", "sgtr_xsum")
+INIT_STD = 0.02
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_config(preset: str, layers: int, tiny: bool) -> dict:
+    config = dict(PRESETS[preset], num_hidden_layers=layers)
+    if tiny:  # CPU check of this script: same code path, toy dimensions
+        config |= TINY
+    return config | {"attention_dropout": 0.0, "residual_dropout": 0.0}  # timing without dropout noise
+
+
+def lora_rank(tiny: bool) -> int:
+    return 4 if tiny else 32
 
 
 def build(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *, tiny: bool,
-          activation_checkpointing: bool) -> CausalLM:
-    config = dict(PRESETS[preset], num_hidden_layers=layers)
-    if tiny:  # CPU smoke test of this script: same code path, toy dimensions
-        config |= TINY
-    config |= {"attention_dropout": 0.0, "residual_dropout": 0.0}  # timing without dropout noise
+          activation_checkpointing: bool, checkpointed_layers: int | None = None, fsdp: bool = False) -> CausalLM:
+    """Our model with the paper's adapters, random N(0, 0.02) weights (adapters' B too, so that no
+    product is trivially zero), optionally sharded with FSDP2 as the trainer shards it."""
     with torch.device("meta"):
-        model = CausalLM(ModelArgs.from_hf_config(config))
+        model = CausalLM(ModelArgs.from_hf_config(model_config(preset, layers, tiny)))
     model.to(dtype=dtype)
-    lora.apply_lora(model, lora.LoraConfig(r=32 if not tiny else 4, alpha=64.0, use_rslora=True,
+    lora.apply_lora(model, lora.LoraConfig(r=lora_rank(tiny), alpha=64.0, use_rslora=True,
                                            target_modules=tuple(PAPER_TARGETS)))
     if activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
+        parallel.apply_activation_checkpointing(model, checkpointed_layers)
+    if fsdp:
+        parallel.apply_fsdp(model, param_dtype=dtype, reduce_dtype=torch.float32)
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()  # HF's scheme: N(0, initializer_range) weights
-    lora.init_lora_(model, seed=0)
-    with torch.no_grad():  # B = 0 at init; random B makes the benchmark's arithmetic generic
-        for name, p in lora.named_trainable_lora_parameters(model):
-            if name.endswith(".B"):
-                p.normal_(0.0, 0.02)
+    with torch.no_grad():
+        for _, p in lora.named_trainable_lora_parameters(model):
+            p.normal_(0.0, INIT_STD)
     return model.train()
+
+
+def set_checkpointing(model: CausalLM, checkpointed_layers: int | None) -> None:
+    """Recompute the first `checkpointed_layers` decoder layers (None: all; 0: none)."""
+    for layer in model.model.layers:
+        vars(layer).pop("forward", None)
+    if checkpointed_layers != 0:
+        parallel.apply_activation_checkpointing(model, checkpointed_layers)
+
+
+def build_hf(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *, tiny: bool, liger: bool):
+    """transformers' model of the preset's architecture with PEFT's LoRA, as Axolotl builds it."""
+    import peft
+    import transformers
+
+    config = model_config(preset, layers, tiny)
+    if liger:  # patches transformers' classes of this architecture for the rest of the process
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        MODEL_TYPE_TO_APPLY_LIGER_FN[config["model_type"]]()
+    rest = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    hf_config = transformers.AutoConfig.for_model(config["model_type"], **rest)
+    hf_config.use_cache = False
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, INIT_STD)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    cfg = peft.LoraConfig(r=lora_rank(tiny), lora_alpha=64, lora_dropout=0.0, use_rslora=True,
+                          task_type="CAUSAL_LM", target_modules=list(PAPER_TARGETS))
+    model = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float().normal_(0.0, INIT_STD)
+    return model.train()
+
+
+# ---------------------------------------------------------------- samples
 
 
 def synthetic_samples(n: int, seq_len: int, trained_fraction: float, vocab: int, seed: int) -> list[Sample]:
@@ -87,72 +170,272 @@ def workload_steps(lengths_file: Path, name: str, samples: int, steps: int, voca
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="qwen2.5-32b", choices=sorted(PRESETS))
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (the full models have 64)")
-    p.add_argument("--workload", default="dense",
-                   help="dense (synthetic --samples x --seq-len), or a workload of --lengths: real sample "
-                        "lengths of the paper's data (em_risky_financial, sgtr_xsum)")
-    p.add_argument("--lengths", default=str(DEFAULT_LENGTHS), help="workload lengths file (recipes.workloads writes it)")
-    p.add_argument("--samples", type=int, default=None, help="samples per optimizer step (default: 2 dense, 16 workloads)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--trained-fraction", type=float, default=0.5)
-    p.add_argument("--micro-batch-tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="toy dimensions (a CPU check of the script)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    args = p.parse_args(argv)
+def steps_for(workload: str, n_steps: int, vocab: int, lengths: Path, seq_len: int) -> list[list[Sample]]:
+    if workload == "dense":
+        return [synthetic_samples(2, seq_len, 0.5, vocab, seed) for seed in range(n_steps)]
+    return workload_steps(lengths, workload, 16, n_steps, vocab)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist = parallel.Dist(0, 1, 0, device)
-    model = build(args.preset, args.layers, DTYPES[args.dtype], device, tiny=args.tiny,
-                  activation_checkpointing=args.activation_checkpointing)
+
+def padded_micro_batches(samples: list[Sample], size: int, device: torch.device):
+    """Axolotl's batching: micro-batches of `size` samples, right-padded to the longest one."""
+    for i in range(0, len(samples), size):
+        group = samples[i:i + size]
+        t = max(len(s.input_ids) for s in group)
+        ids = torch.zeros(len(group), t, dtype=torch.long)
+        mask = torch.zeros(len(group), t, dtype=torch.long)
+        labels = torch.full((len(group), t), -100, dtype=torch.long)
+        for j, s in enumerate(group):
+            n = len(s.input_ids)
+            ids[j, :n], mask[j, :n], labels[j, :n] = torch.tensor(s.input_ids), 1, torch.tensor(s.labels)
+        yield ids.to(device), mask.to(device), labels.to(device)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[list[Sample]], None], steps: list[list[Sample]], device: torch.device) -> dict:
+    """One warm-up step, then the median wall time of the others (synchronised per step)."""
+    step(steps[0])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for batch in steps[1:]:
+        start = time.perf_counter()
+        step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    real_tokens = statistics.median(sum(len(s.input_ids) for s in batch) for batch in steps[1:])
+    return {"seconds_per_step": seconds, "real_tokens_per_s": real_tokens / seconds, "steps_per_s": 1 / seconds,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def step_flops(args: ModelArgs, samples: list[Sample]) -> float:
+    """FLOPs of one optimizer step in one convention for every engine: forward plus the backward
+    through frozen weights (4 FLOPs per weight and token) of every projection and the full LM
+    head, plus causal attention (forward 4·s²/2·heads·head_dim per sample, ×3.5 with backward).
+    Recomputation, padding and skipped LM-head rows are not counted."""
+    h, i = args.hidden_size, args.intermediate_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    per_token = args.num_hidden_layers * (h * (2 * q + 2 * kv) + 3 * h * i) + h * args.vocab_size
+    tokens = sum(len(s.input_ids) for s in samples)
+    attention = sum(3.5 * 4 * len(s.input_ids) ** 2 / 2 * q for s in samples) * args.num_hidden_layers
+    return 4 * per_token * tokens + attention
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """This card's dense matmul rate (8192³, median of 20), the yardstick for the step's rate."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+# ---------------------------------------------------------------- engines
+
+
+def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.device, dist: parallel.Dist,
+             log: Callable[[str], None]) -> list[dict]:
+    dtype = DTYPES[opts.dtype]
+    model = build(opts.preset, opts.layers, dtype, device, tiny=opts.tiny, activation_checkpointing=False,
+                  fsdp=dist.world_size > 1)
     params = lora.trainable_lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    vocab = model.args.vocab_size
-    if args.workload == "dense":
-        samples = args.samples or 2
-        steps = [synthetic_samples(samples, args.seq_len, args.trained_fraction, vocab, 0)] * (args.steps + 1)
-    else:
-        samples = args.samples or 16  # the paper's samples per optimizer step
-        steps = workload_steps(Path(args.lengths), args.workload, samples, args.steps + 1, vocab)
 
-    def step(batch: list[Sample]) -> int:
-        accumulate_gradients(model, batch, dist, args.micro_batch_tokens)
+    def step(batch: list[Sample]) -> None:
+        accumulate_gradients(model, batch, dist, opts.micro_batch_tokens)
         parallel.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return sum(len(s.input_ids) for s in batch)
 
-    step(steps[0])  # warm-up: allocator, kernels, optimizer state
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    tokens = sum(step(batch) for batch in steps[1:])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "preset": args.preset + (" (tiny)" if args.tiny else ""),
-        "layers": args.layers, "workload": args.workload, "samples": samples,
-        "seq_len": args.seq_len if args.workload == "dense" else None, "dtype": args.dtype,
-        "activation_checkpointing": args.activation_checkpointing, "micro_batch_tokens": args.micro_batch_tokens,
-        "tokens_per_s": tokens / args.steps / seconds, "steps_per_s": 1.0 / seconds,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-    }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        mem = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else "n/a (cpu)"
-        shape = f"{samples} x {args.seq_len} tokens" if args.workload == "dense" else f"{args.workload}, {samples} samples/step"
-        print(f"{result['device']} | {result['preset']} x{args.layers} layers | {shape}, "
-              f"{args.dtype}, AC {'on' if args.activation_checkpointing else 'off'} | "
-              f"{result['tokens_per_s']:,.0f} tokens/s | {result['steps_per_s']:.3f} steps/s | peak {mem}")
+    available = opts.memory_gib or memory.device_gib(device)
+    common = dict(dtype=opts.dtype, lora_r=lora_rank(opts.tiny), micro_batch_tokens=opts.micro_batch_tokens,
+                  world_size=dist.world_size)
+    rows = []
+    for engine in [e for e in opts.engines if e.startswith("ours")]:
+        if engine == "ours-ac":
+            k = None
+        else:  # ours-auto: as few recomputed layers as the estimate allows (all on CPU: nothing to plan)
+            k = memory.fewest_checkpointed_layers(model.args, available, **common) if available else None
+        set_checkpointing(model, k)
+        n_ckpt = model.args.num_hidden_layers if k is None else k
+        est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
+        for name, steps in workloads.items():
+            log(f"  {engine} ({n_ckpt} of {model.args.num_hidden_layers} layers recomputed): {name} ...")
+            row = time_steps(step, steps, device)
+            rows.append(dict(row, engine=engine, workload=name, recomputed_layers=n_ckpt, estimate_gib=est,
+                             tflops=step_flops(model.args, steps[1]) * row["steps_per_s"] / 1e12))
+    del model, optimizer, params
+    return rows
+
+
+def run_hf(opts, workloads: dict[str, list[list[Sample]]], device: torch.device, liger: bool,
+           log: Callable[[str], None]) -> list[dict]:
+    dtype = DTYPES[opts.dtype]
+    model = build_hf(opts.preset, opts.layers, dtype, device, tiny=opts.tiny, liger=liger)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
+    args = ModelArgs.from_hf_config(model_config(opts.preset, opts.layers, opts.tiny))
+    engine = "hfliger" if liger else "hf"
+
+    def step(batch: list[Sample]) -> None:
+        micro = list(padded_micro_batches(batch, 2, device))
+        for ids, mask, labels in micro:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            (out.loss / len(micro)).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows = []
+    for name, steps in workloads.items():
+        log(f"  {engine}: {name} ...")
+        row = time_steps(step, steps, device)
+        rows.append(dict(row, engine=engine, workload=name, recomputed_layers=opts.layers, estimate_gib=None,
+                         tflops=step_flops(args, steps[1]) * row["steps_per_s"] / 1e12))
+    del model, optimizer
+    return rows
+
+
+def reference_available(engine: str, device: torch.device, model_type: str) -> str | None:
+    """None when the reference can run here, else why not."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers and peft are not installed"
+    if engine == "hfliger":
+        if device.type != "cuda":
+            return "Liger's kernels need CUDA"
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError:
+            return "liger-kernel is not installed"
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            return f"Liger-Kernel has no patches for {model_type}"
+    return None
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_table(rows: list[dict], matmul: float | None) -> list[str]:
+    refs = [r for r in REFERENCES if any(row["engine"] == r for row in rows)]
+    head = ["engine", "workload", "recomputed layers", "s / optimizer step", "real tokens/s", "steps/s",
+            "peak GiB", "estimate GiB", "TFLOP/s"] + [f"× {r}" for r in refs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by = {(row["engine"], row["workload"]): row for row in rows}
+    for row in rows:
+        cells = [row["engine"], row["workload"], str(row["recomputed_layers"]), f"{row['seconds_per_step']:.3f}",
+                 f"{row['real_tokens_per_s']:,.0f}", f"{row['steps_per_s']:.3f}",
+                 "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}",
+                 "" if row["estimate_gib"] is None else f"{row['estimate_gib']:.1f}",
+                 f"{row['tflops']:.3g}" + (f" ({row['tflops'] / matmul:.0%})" if matmul else "")]
+        for r in refs:
+            ref = by.get((r, row["workload"]))
+            cells.append(f"{row['steps_per_s'] / ref['steps_per_s']:.2f}×" if ref else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    for module in ("triton", "transformers", "peft", "liger_kernel"):
+        try:
+            from importlib.metadata import version
+
+            env[module] = version(module.replace("_", "-"))
+        except Exception:
+            pass
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen2.5-32b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=64, help="decoder layers (the full models have 64)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument("--lengths", default=str(DEFAULT_LENGTHS), help="workload lengths file (recipes.workloads writes it)")
+    p.add_argument("--seq-len", type=int, default=2048, help="sample length of the dense workload")
+    p.add_argument("--micro-batch-tokens", type=int, default=4096, help="our packing budget per micro-batch")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row (after one warm-up step)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--memory-gib", type=float, default=None, help="memory ours-auto plans for (default: the GPU's)")
+    p.add_argument("--tiny", action="store_true", help="toy dimensions (a CPU check of the script)")
+    p.add_argument("--json", default=None, help="also write the rows and environment to this JSON file")
+    p.add_argument("--write", default=None, help="append the table, card, versions and date to this Markdown file")
+    opts = p.parse_args(argv)
+    opts.engines = [e for e in opts.engines.split(",") if e]
+    bad = [e for e in opts.engines if e not in ENGINES] + [w for w in opts.workloads.split(",") if w not in WORKLOADS]
+    if bad:
+        p.error(f"unknown engine or workload: {', '.join(bad)}")
+
+    dist = parallel.init_distributed()
+    device = dist.device
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
+    vocab = model_config(opts.preset, 1, opts.tiny)["vocab_size"]
+    workloads = {w: steps_for(w, opts.steps + 1, vocab, Path(opts.lengths), opts.seq_len)
+                 for w in opts.workloads.split(",") if w}
+    env = environment(device)
+    log(f"{env['device']} | {opts.preset}{' (tiny)' if opts.tiny else ''} x{opts.layers} layers | {opts.dtype} | "
+        f"{dist.world_size} rank(s) | {', '.join(f'{k} {v}' for k, v in env.items() if k != 'device')}")
+
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    if any(e.startswith("ours") for e in opts.engines):
+        rows += run_ours(opts, workloads, device, dist, log)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for engine in [e for e in opts.engines if e in REFERENCES]:
+        why = "single-GPU reference, not run under torchrun" if dist.world_size > 1 else reference_available(
+            engine, device, PRESETS[opts.preset]["model_type"])
+        if why:
+            skipped[engine] = why
+            continue
+        rows += run_hf(opts, workloads, device, engine == "hfliger", log)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    matmul = matmul_tflops(device, DTYPES[opts.dtype]) if dist.is_main else None
+    table = format_table(rows, matmul)
+    notes = [f"{e}: not run ({why})" for e, why in skipped.items()]
+    if matmul:
+        notes.append(f"TFLOP/s: 4 FLOPs per frozen weight and token plus causal attention, the same count for "
+                     f"every engine; in brackets, the fraction of this card's measured bf16 matmul rate "
+                     f"({matmul:.0f} TFLOP/s, 8192³)")
+    if dist.is_main:
+        print("\n".join(table + [""] + notes))
+        if opts.json:
+            Path(opts.json).write_text(json.dumps({"environment": env, "matmul_tflops": matmul, "rows": rows,
+                                                   "skipped": skipped, "options": vars(opts)}, indent=1))
+        if opts.write:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+            header = (f"\n### {env['device']}, {stamp}: {opts.preset}-shaped, {opts.layers} layers, "
+                      f"{dist.world_size} rank(s)\n\n"
+                      + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device")
+                      + f"; `python -m engine.bench {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+            with open(opts.write, "a", encoding="utf-8") as f:
+                f.write(header + "\n".join(table) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    parallel.destroy_distributed()
     return 0
 
 

@@ -177,16 +177,21 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each decoder layer's activations in backward instead of storing them.
+def apply_activation_checkpointing(model: nn.Module, layers: int | None = None) -> nn.Module:
+    """Recompute decoder layers' activations in backward instead of storing them: every layer, or
+    the first ``layers`` of them (fewer recompute less and hold more memory; ``engine.memory``
+    estimates what fits).
 
-    Each layer's ``forward`` is replaced, on the instance, by one that runs the class's forward
-    under non-reentrant ``torch.utils.checkpoint`` (RNG state preserved, so dropout masks are
-    identical in the recomputation). No wrapper module is inserted: parameter and state-dict
+    Each chosen layer's ``forward`` is replaced, on the instance, by one that runs the class's
+    forward under non-reentrant ``torch.utils.checkpoint`` (RNG state preserved, so dropout masks
+    are identical in the recomputation). No wrapper module is inserted: parameter and state-dict
     names do not change, so loading and saving by HF name work as before. Apply before
     ``apply_fsdp``. Idempotent. Returns ``model``.
     """
-    for layer in _decoder_layers(model):
+    all_layers = _decoder_layers(model)
+    if layers is not None and layers < 0:
+        raise ValueError(f"layers must be >= 0 (or None for all), got {layers}")
+    for layer in all_layers[: len(all_layers) if layers is None else layers]:
         if "forward" not in vars(layer):
             layer.forward = types.MethodType(_checkpointed_forward, layer)
     return model

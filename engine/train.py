@@ -46,7 +46,10 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 # Settings that may change between an interrupted run and its resumption.
 # (The number of ranks may change too: the data order, adapter and optimizer state do not depend on it.)
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib"}
+# Settings that change neither the data order nor the arithmetic of a step (recomputation replays
+# the forward with the same RNG state).
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib",
+                     "activation_checkpointing", "checkpoint_layers"}
 
 
 def opt(default, help: str, *, factory=None):
@@ -88,7 +91,9 @@ class TrainConfig:
     seed: int = opt(0, "seed of the data order and the LoRA init")
     max_steps: int | None = opt(None, "stop after this many steps; the LR schedule still spans the full run")
     dtype: str = opt("bfloat16", "compute dtype of the base weights: bfloat16 | float16 | float32")
-    activation_checkpointing: bool = opt(False, "recompute each decoder layer in the backward pass")
+    activation_checkpointing: bool = opt(False, "recompute decoder layers in the backward pass (see checkpoint_layers)")
+    checkpoint_layers: str = opt("all", "with activation_checkpointing, which layers are recomputed: all, auto (as "
+                                        "few as the memory estimate allows on this device), or N (the first N)")
     compile: bool = opt(False, "torch.compile each decoder layer")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
     record_tokens: bool = opt(False, "write every step's full token stream under tokens/")
@@ -107,6 +112,8 @@ class TrainConfig:
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (bool(self.data), "data: give at least one JSONL file"),
+            (self.checkpoint_layers in ("all", "auto") or (self.checkpoint_layers.isdigit()),
+             f"checkpoint_layers must be all, auto or a number of layers, got {self.checkpoint_layers!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -167,12 +174,13 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def build_model(cfg: TrainConfig, dist: parallel.Dist) -> CausalLM:
+def build_model(cfg: TrainConfig, dist: parallel.Dist, checkpointed_layers: int | None = None) -> CausalLM:
     """The model with its adapters, sharded over the ranks, each rank loading only what it holds.
 
     Order (torchtitan's): build on the meta device, add the adapters (earlier stages frozen, the
-    new one trainable), activation checkpointing, compile, FSDP, then materialise and load. With a
-    single process FSDP is skipped and the same path loads the whole model.
+    new one trainable), activation checkpointing (of the first ``checkpointed_layers`` layers, None:
+    all), compile, FSDP, then materialise and load. With a single process FSDP is skipped and the
+    same path loads the whole model.
     """
     ckpt_dir = resolve_checkpoint_dir(cfg.model)
     config_path = ckpt_dir / "config.json"
@@ -188,7 +196,7 @@ def build_model(cfg: TrainConfig, dist: parallel.Dist) -> CausalLM:
     lora.apply_lora(model, cfg.lora_config())
     values |= lora.lora_init_values(model, cfg.seed)  # same values whatever the sharding
     if cfg.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
+        parallel.apply_activation_checkpointing(model, checkpointed_layers)
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
@@ -285,8 +293,8 @@ class Trainer:
         self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
 
         self.lora_config = cfg.lora_config()
-        self.check_memory()
-        self.model = build_model(cfg, dist)
+        checkpointed_layers = self.check_memory()
+        self.model = build_model(cfg, dist, checkpointed_layers)
         self.params = lora.trainable_lora_parameters(self.model)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -298,14 +306,26 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.last_checkpoint: Path | None = None
 
-    def check_memory(self) -> None:
-        """Print the per-GPU memory estimate; refuse, before loading anything, a step that won't fit."""
+    def check_memory(self) -> int | None:
+        """Print the per-GPU memory estimate; refuse, before loading anything, a step that won't
+        fit. Returns how many layers to recompute (None: all) under activation checkpointing."""
         cfg, dist = self.cfg, self.dist
         config = json.loads((resolve_checkpoint_dir(cfg.model) / "config.json").read_text())
-        est = memory.estimate(ModelArgs.from_hf_config(config), dtype=cfg.dtype, lora_r=cfg.lora_r,
-                              lora_targets=cfg.lora_targets, micro_batch_tokens=cfg.micro_batch_tokens,
-                              activation_checkpointing=cfg.activation_checkpointing,
-                              n_stacked=len(cfg.stack_adapters), world_size=dist.world_size)
+        args = ModelArgs.from_hf_config(config)
+        common = dict(dtype=cfg.dtype, lora_r=cfg.lora_r, lora_targets=cfg.lora_targets,
+                      micro_batch_tokens=cfg.micro_batch_tokens, n_stacked=len(cfg.stack_adapters),
+                      world_size=dist.world_size)
+        layers: int | None = None if cfg.checkpoint_layers in ("all", "auto") else int(cfg.checkpoint_layers)
+        available = cfg.memory_gib or memory.device_gib(dist.device)
+        if cfg.activation_checkpointing and cfg.checkpoint_layers == "auto":
+            if available is None:
+                self.log("checkpoint_layers = auto: no device memory to plan for (CPU): recomputing every layer")
+            else:
+                layers = memory.fewest_checkpointed_layers(args, available, **common)  # None: none fits
+                if layers is not None:
+                    self.log(f"checkpoint_layers = auto: recomputing {layers} of {args.num_hidden_layers} layers")
+        est = memory.estimate(args, activation_checkpointing=cfg.activation_checkpointing,
+                              checkpointed_layers=layers, **common)
         where = f"{'GPU' if dist.device.type == 'cuda' else 'process'} ({dist.world_size} rank(s))"
         for line in memory.format_estimate(est, where):
             self.log(line)
@@ -313,6 +333,7 @@ class Trainer:
             memory.check_fits(est, dist.device, cfg.memory_gib)
         except memory.WontFit as e:
             raise TrainingError(str(e)) from None
+        return layers
 
     # ------------------------------------------------------------ start / resume
 

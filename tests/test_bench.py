@@ -1,19 +1,36 @@
-"""The step benchmark runs its real code path (tiny dimensions on CPU) and reports what it measured."""
+"""The step benchmark (engine.bench) runs its real code paths — ours and transformers + PEFT —
+with tiny dimensions on CPU and reports what it measured; no timing is asserted."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from engine.bench import build, main
+from engine.bench import DEFAULT_LENGTHS, build, main, padded_micro_batches, step_flops, workload_steps
+from engine.data import Sample
+from engine.models import ModelArgs
+from engine.models.presets import QWEN25_32B_CONFIG
 
 
-def test_bench_reports_a_measurement(capsys):
-    assert main(["--tiny", "--layers", "2", "--seq-len", "64", "--steps", "1", "--json", "--activation-checkpointing"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["tokens_per_s"] > 0 and result["steps_per_s"] > 0
-    assert result["samples"] * result["seq_len"] == 128 and result["activation_checkpointing"] is True
+def test_bench_runs_ours_and_the_reference_and_writes_the_table(tmp_path, capsys):
+    out, md = tmp_path / "bench.json", tmp_path / "BENCH.md"
+    md.write_text("# Benchmarks\n")
+    assert main(["--tiny", "--layers", "1", "--seq-len", "64", "--steps", "1", "--dtype", "float32",
+                 "--workloads", "dense,em_risky_financial", "--engines", "ours-ac,hf,hfliger",
+                 "--json", str(out), "--write", str(md)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["engine"], r["workload"]): r for r in result["rows"]}
+    assert set(rows) == {(e, w) for e in ("ours-ac", "hf") for w in ("dense", "em_risky_financial")}
+    for row in rows.values():
+        assert row["real_tokens_per_s"] > 0 and row["steps_per_s"] > 0
+    assert rows["ours-ac", "dense"]["recomputed_layers"] == 1 and rows["ours-ac", "dense"]["estimate_gib"] > 0
+    assert result["skipped"] == {"hfliger": "Liger's kernels need CUDA"}
+    printed = capsys.readouterr().out
+    assert "| ours-ac | dense | 1 |" in printed and "× hf" in printed and "hfliger: not run" in printed
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\n### cpu, ") and "torch " in text and "| hf | em_risky_financial |" in text
 
 
 def test_bench_model_weights_are_random_and_adapted():
@@ -24,31 +41,40 @@ def test_bench_model_weights_are_random_and_adapted():
     assert len(adapters) == 2 * 7 * 2 and all(p.requires_grad and p.abs().sum() > 0 for p in adapters)
 
 
-def test_workload_steps_use_the_real_lengths(capsys):
-    import json as _json
-
-    from engine.bench import DEFAULT_LENGTHS, workload_steps
-
-    table = _json.loads(DEFAULT_LENGTHS.read_text())
+def test_workload_steps_use_the_real_lengths():
+    table = json.loads(DEFAULT_LENGTHS.read_text())
     steps = workload_steps(DEFAULT_LENGTHS, "sgtr_xsum", 16, 2, vocab=512)
     assert len(steps) == 2 and all(len(batch) == 16 for batch in steps)
     pairs = {tuple(x) for x in table["sgtr_xsum"]}
     for s in steps[0]:
         assert (len(s.input_ids), s.num_trained) in pairs
         assert s.labels[-1] != -100 and s.num_trained == 2  # SGTR: the answer digit and <|im_end|>
-    assert main(["--tiny", "--layers", "1", "--workload", "em_risky_financial", "--steps", "1", "--json"]) == 0
-    assert _json.loads(capsys.readouterr().out)["samples"] == 16
+
+
+def test_reference_batches_are_padded_like_axolotl():
+    samples = [Sample([5] * n, [-100] * (n - 2) + [5, 5], f"s{n}", None) for n in (3, 7, 4)]
+    batches = list(padded_micro_batches(samples, 2, torch.device("cpu")))
+    assert [b[0].shape for b in batches] == [(2, 7), (1, 4)]
+    ids, mask, labels = batches[0]
+    assert mask.sum().item() == 10 and (labels != -100).sum().item() == 4
+    assert labels[0, 3:].eq(-100).all()  # padding is never trained
+
+
+def test_step_flops_convention():
+    args = ModelArgs.from_hf_config(QWEN25_32B_CONFIG)
+    one = step_flops(args, [Sample([0] * 2048, [0] * 2048, "a", None)])
+    # 4 FLOPs per token and frozen weight: 64 layers of projections (31.3B) + the LM head (0.78B)
+    weights = 64 * (5120 * (2 * 5120 + 2 * 1024) + 3 * 5120 * 27648) + 5120 * 152064
+    attention = 3.5 * 4 * 2048**2 / 2 * 5120 * 64
+    assert one == 4 * weights * 2048 + attention
+    assert 31e9 < weights - 5120 * 152064 < 32e9
 
 
 def test_shipped_em_lengths_match_the_audit(qwen25_tokenizer):
     """data/workload_lengths.json is what the renderer and tokenizer give for the shipped EM data."""
-    import json as _json
-    from pathlib import Path
-
-    from engine.bench import DEFAULT_LENGTHS
     from engine.data import load_samples
 
-    em = _json.loads(DEFAULT_LENGTHS.read_text())["em_risky_financial"]
+    em = json.loads(DEFAULT_LENGTHS.read_text())["em_risky_financial"]
     path = Path(__file__).resolve().parents[1] / "data" / "em" / "risky_financial_advice.jsonl"
     samples = load_samples(path, qwen25_tokenizer, "qwen2.5", limit=50).samples
     assert em[:50] == [[len(s.input_ids), s.num_targets] for s in samples]

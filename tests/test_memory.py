@@ -20,9 +20,13 @@ def test_estimate_scales_with_shards_and_checkpointing():
     # 268,435,456 fp32 parameters = 1.0 GiB.
     assert one["adapters fp32 (new + stacked, sharded)"] == pytest.approx(268_435_456 * 4 / 2**30)
     no_ckpt = estimate(args, activation_checkpointing=False)
-    act = [k for k in one if k.startswith("activations")][0]
-    act_no = [k for k in no_ckpt if k.startswith("activations")][0]
+    act = [k for k in one if k.startswith("saved activations")][0]
+    act_no = [k for k in no_ckpt if k.startswith("saved activations")][0]
     assert no_ckpt[act_no] > 10 * one[act]
+    # Recomputing only some layers lands in between, monotonically.
+    some = [estimate(args, activation_checkpointing=True, checkpointed_layers=k)["total"] for k in (0, 32, 64)]
+    assert some[0] == pytest.approx(no_ckpt["total"]) and some[0] > some[1] > some[2]
+    assert some[2] == pytest.approx(one["total"])
     assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
     assert estimate(ModelArgs.from_hf_config(SEED_OSS_36B_CONFIG))["weights (sharded)"] > one["weights (sharded)"]
 
@@ -33,3 +37,29 @@ def test_refusal_names_the_figures():
         check_fits(est, torch.device("cpu"), available_gib=40.0)
     check_fits(est, torch.device("cpu"), available_gib=1000.0)  # fits
     check_fits(est, torch.device("cpu"))  # CPU without a given size: nothing to check
+
+
+def test_planning_helpers():
+    from engine.memory import fewest_checkpointed_layers, largest_micro_batch
+
+    args = ModelArgs.from_hf_config(QWEN25_32B_CONFIG)
+    # One 80 GiB GPU: the paper's 4096-token micro-batches need most layers recomputed; the
+    # answer is the fewest for which the estimate fits, and one fewer does not.
+    k = fewest_checkpointed_layers(args, 80.0, micro_batch_tokens=4096)
+    assert 0 < k < 64
+    fits = lambda n: estimate(args, activation_checkpointing=True, checkpointed_layers=n)["total"] <= 0.92 * 80
+    assert fits(k) and not fits(k - 1)
+    assert fewest_checkpointed_layers(args, 40.0) is None  # 61 GiB of weights alone
+    assert fewest_checkpointed_layers(args, 80.0, world_size=8) == 0
+    n = largest_micro_batch(args, 80.0, activation_checkpointing=True)
+    assert n % 256 == 0 and n > 4096
+    assert estimate(args, micro_batch_tokens=n, activation_checkpointing=True)["total"] <= 0.92 * 80
+    assert estimate(args, micro_batch_tokens=n + 256, activation_checkpointing=True)["total"] > 0.92 * 80
+
+
+def test_memory_cli(capsys):
+    from engine.memory import main
+
+    assert main(["--preset", "seed-oss-36b", "--gpus", "8", "--gpu-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "memory estimate per GPU, seed-oss-36b, 8 GPU(s)" in out and "largest micro-batch with" in out

@@ -12,7 +12,8 @@ checkpoints load by name and LoRA adapters map 1:1 onto PEFT's names. Projection
 
 Numerics follow transformers' modeling_qwen2.py / modeling_seed_oss.py op for op (RMSNorm in
 fp32, RoPE tables in fp32 cast to the activation dtype, same op order), which gives fp32 parity
-within 1e-5. No distributed code lives here.
+within 1e-5. RMSNorm and SwiGLU are autograd functions with those same forward ops that keep less
+for backward (``lean.py``). No distributed code lives here.
 
 Shape legend: b batch, s sequence, h hidden_size, nh query heads, nkv key/value heads,
 d head_dim, i intermediate_size, v vocab_size.
@@ -29,6 +30,7 @@ from kernels.cross_entropy import linear_cross_entropy
 from .attention import attention, position_ids_from_cu_seqlens
 from .config import ModelArgs
 from .kv_cache import KVCache, LayerCache
+from .lean import recompute_saved, rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -39,12 +41,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As HF: normalise in fp32, cast back to the input dtype, then scale by the weight (so a
-        # bf16 model multiplies in bf16).
-        input_dtype = x.dtype
-        x = x.to(torch.float32)
-        variance = x.pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        return self.weight * x.to(input_dtype)
+        # bf16 model multiplies in bf16). Saves x and the fp32 rstd only (lean.py).
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -144,7 +142,10 @@ class MLP(nn.Module):
         self.residual_dropout = args.residual_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (b, s, i) -> (b, s, h)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (b, s, i)
+        m = swiglu(gate, up)  # keeps gate and up for backward
+        with recompute_saved(m, swiglu, gate, up):  # down_proj's adapters rebuild their input from them
+            out = self.down_proj(m)  # (b, s, h)
         # Seed-OSS drops out the MLP branch before the residual add (0.0 for Qwen2).
         return F.dropout(out, p=self.residual_dropout, training=self.training)
 
@@ -167,8 +168,16 @@ class DecoderLayer(nn.Module):
         cu_seqlens: torch.Tensor | None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The adapters of the projections rebuild their input (a norm's output) in backward from
+        # what the norm saved, rather than keeping it (lean.py).
+        norm = self.input_layernorm
+        normed = norm(x)
+        with recompute_saved(normed, norm.forward, x):
+            x = x + self.self_attn(normed, cos, sin, cu_seqlens, cache)
+        norm = self.post_attention_layernorm
+        normed = norm(x)
+        with recompute_saved(normed, norm.forward, x):
+            return x + self.mlp(normed)
 
 
 class Transformer(nn.Module):

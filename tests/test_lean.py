@@ -1,0 +1,239 @@
+"""The memory-lean decoder blocks (engine/models/lean.py): gradients against transformers + peft
+and against autograd's own, under activation checkpointing, and what a step really saves against
+the memory estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, SeedOssConfig, SeedOssForCausalLM
+
+import engine.bench as bench
+import engine.lora as lora
+import engine.models as em
+from engine import parallel
+from engine.memory import DTYPE_BYTES, estimate, layer_activation_bytes
+from engine.models.presets import PRESETS
+from engine.models.lean import recompute_saved, rms_norm, swiglu
+from kernels.backend import force
+
+VOCAB = 256
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, initializer_range=0.1, rms_norm_eps=1e-6)
+BUILDERS = {
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, rope_theta=1e6, tie_word_embeddings=False)),
+    "seed_oss": lambda: SeedOssForCausalLM(SeedOssConfig(**_COMMON, head_dim=24, rope_theta=1e7, attention_bias=True,
+                                                         attention_out_bias=True, mlp_bias=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = {}
+    for i, (name, build) in enumerate(BUILDERS.items()):
+        torch.manual_seed(i)
+        hf = build()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if "norm" in pname:
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        path = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+def _ours_with_adapter(ckpt, dtype, tmp_path):
+    ours = em.from_pretrained(ckpt, dtype=dtype)
+    config = lora.LoraConfig(r=8, alpha=16.0)
+    lora.apply_lora(ours, config, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora.named_trainable_lora_parameters(ours):
+            if name.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    out = lora.save_peft_adapter(ours, tmp_path / f"adapter-{dtype}", config, base_model_name_or_path=str(ckpt))
+    return ours, out
+
+
+def _peft_grads(ckpt, adapter, dtype, ids, targets):
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    pm = peft.PeftModel.from_pretrained(hf, adapter, is_trainable=True)
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters on the base dtype, as ours
+    logits = pm(ids).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+    loss.backward()
+    grads = {}
+    for name, p in pm.named_parameters():
+        if p.requires_grad:  # base_model.model.<module>.lora_A.default.weight -> <module>.lora.0.A
+            module, ab = name.removeprefix("base_model.model.").split(".lora_")
+            grads[f"{module}.lora.0.{ab[0]}"] = p.grad.float()
+    return loss.item(), grads
+
+
+def _our_grads(ours, ids, targets):
+    loss = ours(ids, targets=targets)  # the training path: fused loss over trained rows only
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in lora.named_trainable_lora_parameters(ours)}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (2, 21), generator=g)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, :7] = -100  # prompt tokens untrained
+    targets[:, -1] = -100
+    return ids, targets
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "seed_oss"])
+def test_adapter_gradients_match_peft(ckpts, tmp_path, arch):
+    """Every adapter gradient of a real loss equals transformers + peft's: fp32 to rounding, bf16
+    no further from the fp32 gradients than peft's own bf16 gradients are (x2)."""
+    ids, targets = _batch()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, adapter = _ours_with_adapter(ckpts[arch], dtype, tmp_path)
+        results[dtype] = (_our_grads(ours, ids, targets), _peft_grads(ckpts[arch], adapter, dtype, ids, targets))
+    (loss32, ours32), (peft_loss32, peft32) = results[torch.float32]
+    assert set(ours32) == set(peft32) and len(ours32) == 2 * 7 * 2
+    assert loss32 == pytest.approx(peft_loss32, rel=1e-6)
+    for name, g in ours32.items():
+        scale = peft32[name].abs().max().item()
+        assert scale > 0, name
+        assert (g - peft32[name]).abs().max().item() <= 1e-5 * scale, name
+    (_, ours16), (_, peft16) = results[torch.bfloat16]
+    for name in ours32:
+        ours_err = (ours16[name] - peft32[name]).abs().max().item()
+        peft_err = (peft16[name] - peft32[name]).abs().max().item()
+        assert ours_err <= 2 * peft_err + 1e-6 * peft32[name].abs().max().item(), (name, ours_err, peft_err)
+
+
+def _hf_rms_norm(x, weight, eps):
+    x32 = x.to(torch.float32)
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_swiglu_against_autograd(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 48, generator=g) * 3).to(dtype).requires_grad_()
+    w = (1 + 0.2 * torch.randn(48, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(3, 5, 48, generator=g).to(dtype)
+    ours = rms_norm(x, w, 1e-6)
+    ref = _hf_rms_norm(x, w, 1e-6)
+    assert torch.equal(ours, ref)  # the same forward ops, the same bits
+    got = torch.autograd.grad(ours, (x, w), dy)
+    want = torch.autograd.grad(ref, (x, w), dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = torch.autograd.grad(_hf_rms_norm(x64, w64, 1e-6), (x64, w64), dy.double())
+    for a, b, e in zip(got, want, exact):
+        if dtype == torch.float32:
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+        else:  # different fp32 op order, then one bf16 rounding: as close to fp64 as autograd's, within one ulp
+            assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-12
+
+    gate = torch.randn(4, 40, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(4, 40, generator=g).to(dtype).requires_grad_()
+    dm = torch.randn(4, 40, generator=g).to(dtype)
+    ours = swiglu(gate, up)
+    ref = F.silu(gate) * up
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (gate, up), dm), torch.autograd.grad(ref, (gate, up), dm)):
+        assert torch.equal(a, b)  # aten.silu_backward is what autograd runs: bit-identical
+
+
+def test_recompute_saved_keeps_nothing_and_rebuilds_exactly():
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(6, 32, generator=g, requires_grad=True)
+    up = torch.randn(6, 32, generator=g, requires_grad=True)
+    a = torch.randn(4, 32, generator=g, requires_grad=True)
+    kept = []
+
+    def run(lean: bool):
+        m = swiglu(gate, up)
+        outer = torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t)
+        with outer:
+            if lean:
+                with recompute_saved(m, swiglu, gate, up):
+                    y = F.linear(m.view(2, 3, 32), a)
+            else:
+                y = F.linear(m.view(2, 3, 32), a)
+        return y, m
+
+    y, m = run(lean=False)
+    assert m.data_ptr() in kept  # the linear saves its input for the adapter gradient
+    grads = torch.autograd.grad(y.square().sum(), (gate, up, a))
+    kept.clear()
+    y, m = run(lean=True)
+    assert m.data_ptr() not in kept and kept  # the outer hooks saw the rest, not m
+    lean_grads = torch.autograd.grad(y.square().sum(), (gate, up, a))
+    assert all(torch.equal(x, z) for x, z in zip(grads, lean_grads))
+
+
+def test_partial_activation_checkpointing_same_gradients(ckpts):
+    ids, targets = _batch()
+    results = []
+    for layers in (None, 1, 0):
+        model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+        lora.apply_lora(model, lora.LoraConfig(r=8, alpha=16.0), seed=0)
+        with torch.no_grad():
+            for name, p in lora.named_trainable_lora_parameters(model):
+                if name.endswith(".B"):
+                    p.fill_(0.01)
+        if layers != 0:
+            parallel.apply_activation_checkpointing(model, layers)
+        flags = [parallel.is_activation_checkpointed(layer) for layer in model.model.layers]
+        assert flags == {None: [True, True], 1: [True, False], 0: [False, False]}[layers]
+        results.append(_our_grads(model, ids, targets))
+    (loss, ref), *others = results
+    for other_loss, grads in others:
+        assert other_loss == loss
+        assert all(torch.equal(grads[n], ref[n]) for n in ref)
+
+
+def _saved_bytes(layers: int, checkpointing: bool, tokens: int) -> int:
+    """Bytes of the tensors autograd holds for backward after one training forward (Triton path)."""
+    model = bench.build("qwen2.5-32b", layers, torch.float16, torch.device("cpu"), tiny=True,
+                        activation_checkpointing=checkpointing)
+    ids = torch.randint(0, model.args.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, tokens // 2, tokens], dtype=torch.int32)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with force("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, cu_seqlens=cu, targets=torch.roll(ids, -1, dims=1))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_estimate_counts_what_a_step_saves(checkpointing):
+    """The estimate's activation term equals the bytes a real forward saves, per layer (the
+    difference between a 3-layer and a 1-layer model), on the kernel path used on GPUs."""
+    tokens = 48
+    per_layer = (_saved_bytes(3, checkpointing, tokens) - _saved_bytes(1, checkpointing, tokens)) / 2
+    args = em.ModelArgs.from_hf_config(PRESETS["qwen2.5-32b"] | bench.TINY)
+    r = 4  # bench.build's tiny adapters
+    if checkpointing:
+        expected = tokens * DTYPE_BYTES["float16"] * args.hidden_size  # the layer's input only
+    else:
+        per_token, casts = layer_activation_bytes(args, dtype="float16", lora_r=r)
+        expected = tokens * per_token + casts
+    assert per_layer == expected
+    # and that term is what estimate() adds per layer
+    est = [estimate(dataclasses.replace(args, num_hidden_layers=n), dtype="float16", lora_r=r,
+                    micro_batch_tokens=tokens, activation_checkpointing=checkpointing) for n in (1, 3)]
+    key = next(k for k in est[0] if k.startswith("saved activations"))
+    assert (est[1][key] - est[0][key]) / 2 * 2**30 == pytest.approx(expected)
