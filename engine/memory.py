@@ -74,7 +74,10 @@ def estimate(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32, lora
     k = (L if checkpointed_layers is None else max(0, min(L, checkpointed_layers))) if activation_checkpointing else 0
     tokens = micro_batch_tokens
     layer_token, layer_casts = layer_activation_bytes(args, dtype=dtype, lora_r=lora_r, lora_targets=lora_targets)
-    live = L - k + (1 if k else 0)  # layers whose activations are held at once (+1: one being recomputed)
+    # Layers whose full activations are held at once. The recomputed layers are the first k, so
+    # backward reaches them only after the others' activations were freed: at the end of the
+    # forward L - k layers are held, while recomputing one layer just that one.
+    live = max(L - k, 1 if k else 0)
     saved = tokens * (live * layer_token + k * bytes_w * h) + live * layer_casts
     what = "all layers recomputed" if k == L else f"{k} of {L} layers recomputed" if k else "no recomputation"
     est = {

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from engine import lora, parallel
 from engine.data import load_samples
 from engine.tokenizer import Tokenizer
+from engine.config import ConfigError
 from engine.train import TrainConfig, accumulate_gradients, build_model, lr_lambda, main, rank_micro_batches, sample_hash, step_plan
 from tests.tiny import em_subset, tiny_seed_oss_checkpoint, write_toml
 
@@ -269,3 +270,20 @@ def test_memory_estimate_is_printed_and_a_step_that_wont_fit_is_refused(setup, t
     err = capsys.readouterr().err
     assert "memory estimate per process (1 rank(s)):" in err and "will not fit" in err
     assert not (tmp_path / "mem").exists()  # refused before anything was written
+
+
+def test_checkpoint_layers_auto_recomputes_as_few_layers_as_fit(setup, tmp_path, capsys):
+    from engine import memory
+    from engine.models import ModelArgs
+
+    args = ModelArgs.from_hf_config(json.loads((setup[1] / "config.json").read_text()))
+    common = dict(dtype="float32", lora_r=4, micro_batch_tokens=600, activation_checkpointing=True)
+    one = memory.estimate(args, checkpointed_layers=1, **common)["total"]
+    assert memory.estimate(args, checkpointed_layers=0, **common)["total"] > one
+    gib = one / memory.USABLE * 1.0001  # room for 1 of the 2 layers' activations, not 2
+    auto = run(setup, "auto", activation_checkpointing=True, checkpoint_layers="auto", memory_gib=gib, max_steps=2)
+    assert "checkpoint_layers = auto: recomputing 1 of 2 layers" in capsys.readouterr().err
+    plain = run(setup, "plain", max_steps=2)
+    assert losses(auto) == pytest.approx(losses(plain), abs=1e-6)
+    with pytest.raises(ConfigError, match="checkpoint_layers must be all, auto or a number of layers, got 'half'"):
+        TrainConfig(**settings(setup, "bad", checkpoint_layers="half"))
