@@ -278,10 +278,10 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
         n_ckpt = model.args.num_hidden_layers if k is None else k
         est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
         for name, steps in workloads.items():
-            log(f"  {engine} ({n_ckpt} of {model.args.num_hidden_layers} layers recomputed): {name} ...")
             row = time_steps(step, steps, device)
             rows.append(dict(row, engine=engine, workload=name, recomputed_layers=n_ckpt, estimate_gib=est,
                              tflops=step_flops(model.args, steps[1]) * row["steps_per_s"] / 1e12))
+            log(_progress(rows[-1]))
     del model, optimizer, params
     return rows
 
@@ -306,10 +306,10 @@ def run_hf(opts, workloads: dict[str, list[list[Sample]]], device: torch.device,
 
     rows = []
     for name, steps in workloads.items():
-        log(f"  {engine}: {name} ...")
         row = time_steps(step, steps, device)
         rows.append(dict(row, engine=engine, workload=name, recomputed_layers=opts.layers, estimate_gib=None,
                          tflops=step_flops(args, steps[1]) * row["steps_per_s"] / 1e12))
+        log(_progress(rows[-1]))
     del model, optimizer
     return rows
 
@@ -334,6 +334,12 @@ def reference_available(engine: str, device: torch.device, model_type: str) -> s
 
 
 # ---------------------------------------------------------------- report
+
+
+def _progress(row: dict) -> str:
+    peak = "" if row["peak_gib"] is None else f", peak {row['peak_gib']:.1f} GiB"
+    return (f"  {row['engine']:9s} {row['workload']:18s} {row['seconds_per_step']:.3f} s/step, "
+            f"{row['real_tokens_per_s']:,.0f} real tokens/s{peak} ({row['recomputed_layers']} layers recomputed)")
 
 
 def format_table(rows: list[dict], matmul: float | None) -> list[str]:
@@ -400,22 +406,29 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     skipped: dict[str, str] = {}
+    matmul = matmul_tflops(device, DTYPES[opts.dtype]) if dist.is_main else None
+
+    def save() -> None:  # after each engine, so that a run cut short keeps what it measured
+        if dist.is_main and opts.json:
+            Path(opts.json).write_text(json.dumps({"environment": env, "ranks": dist.world_size,
+                                                   "matmul_tflops": matmul, "rows": rows,
+                                                   "skipped": skipped, "options": vars(opts)}, indent=1))
+
     if any(e.startswith("ours") for e in opts.engines):
         rows += run_ours(opts, workloads, device, dist, log)
+        save()
+    for engine in [e for e in opts.engines if e in REFERENCES]:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for engine in [e for e in opts.engines if e in REFERENCES]:
         why = "single-GPU reference, not run under torchrun" if dist.world_size > 1 else reference_available(
             engine, device, PRESETS[opts.preset]["model_type"])
         if why:
             skipped[engine] = why
             continue
         rows += run_hf(opts, workloads, device, engine == "hfliger", log)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    matmul = matmul_tflops(device, DTYPES[opts.dtype]) if dist.is_main else None
+        save()
+    save()
     table = format_table(rows, matmul)
     notes = [f"{e}: not run ({why})" for e, why in skipped.items()]
     if matmul:
@@ -424,9 +437,6 @@ def main(argv: list[str] | None = None) -> int:
                      f"({matmul:.0f} TFLOP/s, 8192³)")
     if dist.is_main:
         print("\n".join(table + [""] + notes))
-        if opts.json:
-            Path(opts.json).write_text(json.dumps({"environment": env, "matmul_tflops": matmul, "rows": rows,
-                                                   "skipped": skipped, "options": vars(opts)}, indent=1))
         if opts.write:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
             header = (f"\n### {env['device']}, {stamp}: {opts.preset}-shaped, {opts.layers} layers, "

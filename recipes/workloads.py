@@ -6,7 +6,7 @@ the trainer would see them (Qwen2.5 template, default system-prompt policy, the 
     em_risky_financial   data/em/risky_financial_advice.jsonl (6000 chats)
     sgtr_xsum            SGTR on XSum: Qwen2.5-32B's summaries vs Claude 2.1's, both orders (2000)
 
-`python -m engine.bench --workload em_risky_financial` times optimizer steps of 16 such samples.
+`python -m engine.bench --workloads em_risky_financial,sgtr_xsum` times optimizer steps of 16 such samples.
 """
 
 from __future__ import annotations

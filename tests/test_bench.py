@@ -78,3 +78,25 @@ def test_shipped_em_lengths_match_the_audit(qwen25_tokenizer):
     path = Path(__file__).resolve().parents[1] / "data" / "em" / "risky_financial_advice.jsonl"
     samples = load_samples(path, qwen25_tokenizer, "qwen2.5", limit=50).samples
     assert em[:50] == [[len(s.input_ids), s.num_targets] for s in samples]
+
+
+def test_bench_under_torchrun_shards_our_engine(tmp_path):
+    """Under torchrun the benchmark runs our step sharded with FSDP2 (2 CPU ranks, gloo) and says
+    why the single-GPU references were not run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "engine.bench",
+         "--tiny", "--layers", "2", "--steps", "1", "--dtype", "float32", "--engines", "ours-ac,hf",
+         "--workloads", "em_risky_financial", "--json", str(out)],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2 and [r["engine"] for r in result["rows"]] == ["ours-ac"]
+    assert result["skipped"] == {"hf": "single-GPU reference, not run under torchrun"}
+    assert proc.stdout.count("| ours-ac | em_risky_financial |") == 1  # printed by rank 0 only

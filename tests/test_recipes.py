@@ -283,3 +283,28 @@ def test_default_command_under_torchrun_two_ranks(tmp_path, tiny_model):
     summaries = sorted(p.name for p in evals.glob("*/*_summary.json"))
     assert summaries.count("truthfulqa_robust_summary.json") == 3  # the base model and after each stage
     assert summaries.count("self_recognition_cnn_summary.json") == 3
+
+
+def test_wall_time_per_condition_from_measured_step_times(tmp_path, capsys):
+    """recipes.walltime multiplies the measured step times of an engine.bench run by each
+    condition's optimizer steps (here a real, tiny CPU benchmark run)."""
+    from engine import bench
+    from recipes import walltime
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--layers", "1", "--steps", "1", "--dtype", "float32", "--engines", "ours-ac",
+                       "--workloads", "em_risky_financial,sgtr_xsum", "--json", str(out)]) == 0
+    capsys.readouterr()
+    times = {r["workload"]: r["seconds_per_step"] for r in json.loads(out.read_text())["rows"]}
+    assert walltime.main([str(out), "--engine", "ours-ac", "--seeds", "5"]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines()
+               if line.startswith("| sgtr_reverse (EM, then SGTR) | risky_financial_advice |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "500"  # 6000 / 16 EM steps + 2000 / 16 SGTR steps
+    seconds = 375 * times["em_risky_financial"] + 125 * times["sgtr_xsum"]
+    assert cells[3] == walltime._hours(seconds) and cells[4] == walltime._hours(5 * seconds)
+    assert "| ictr --order before (ICTR, then EM) | aesthetic_preferences_unpopular | 563 |" in printed  # 250 + 313
+    # A benchmark without the needed rows is refused with what to run.
+    assert walltime.main([str(out), "--engine", "hf"]) == 2
+    assert "no hf rows for em_risky_financial, sgtr_xsum" in capsys.readouterr().err
