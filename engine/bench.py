@@ -23,7 +23,8 @@ convention for all engines, and the ratio to each reference. ``--write`` appends
 card, versions and date, to a Markdown file. Compare figures only within one run on one card.
 
 Under ``torchrun --nproc_per_node N`` our engine runs sharded with FSDP2 exactly as the trainer
-does (16 samples per step over all ranks); the references are single-GPU and are skipped.
+does (16 samples per step over all ranks), or replicated (``--data-parallel replicate``); the
+references are single-GPU and are skipped.
 ``--tiny`` shrinks every dimension: a CPU check of the script (CI runs it), no timing claims.
 """
 
@@ -254,8 +255,9 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
 def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.device, dist: parallel.Dist,
              log: Callable[[str], None]) -> list[dict]:
     dtype = DTYPES[opts.dtype]
+    sharded = dist.world_size > 1 and opts.data_parallel == "fsdp"
     model = build(opts.preset, opts.layers, dtype, device, tiny=opts.tiny, activation_checkpointing=False,
-                  fsdp=dist.world_size > 1)
+                  fsdp=sharded)
     params = lora.trainable_lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
 
@@ -267,7 +269,7 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
 
     available = opts.memory_gib or memory.device_gib(device)
     common = dict(dtype=opts.dtype, lora_r=lora_rank(opts.tiny), micro_batch_tokens=opts.micro_batch_tokens,
-                  world_size=dist.world_size)
+                  world_size=dist.world_size if sharded else 1)
     rows = []
     for engine in [e for e in opts.engines if e.startswith("ours")]:
         if engine == "ours-ac":
@@ -384,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-tokens", type=int, default=4096, help="our packing budget per micro-batch")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row (after one warm-up step)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--data-parallel", default="fsdp", choices=("fsdp", "replicate"),
+                   help="under torchrun: shard our model with FSDP2 (default) or replicate it on every rank")
     p.add_argument("--memory-gib", type=float, default=None, help="memory ours-auto plans for (default: the GPU's)")
     p.add_argument("--tiny", action="store_true", help="toy dimensions (a CPU check of the script)")
     p.add_argument("--json", default=None, help="also write the rows and environment to this JSON file")

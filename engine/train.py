@@ -1,10 +1,10 @@
 """LoRA fine-tuning: `python -m engine.train --config run.toml [--key=value ...]`.
 
-The same command runs as one process or under `torchrun --nproc_per_node N` (FSDP2, gloo on CPU,
-NCCL on GPU). One optimizer step consumes `batch_size` samples (the paper: 16), in an order fixed
-by the seed. The step's samples are packed into varlen rows of at most `micro_batch_tokens` tokens
-(no padding; attention and positions restart at each sample), the rows are dealt round-robin to
-the ranks, and every row's summed token loss is divided by the number of trained tokens of the
+The same command runs as one process or under `torchrun --nproc_per_node N` (FSDP2 or replicated
+ranks, gloo on CPU, NCCL on GPU). One optimizer step consumes `batch_size` samples (the paper: 16),
+in an order fixed by the seed. The step's samples are dealt to the ranks balancing tokens, each
+rank packs its own into varlen rows of at most `micro_batch_tokens` tokens (no padding; attention
+and positions restart at each sample), and every row's summed token loss is divided by the number of trained tokens of the
 *whole step*, so the step's gradient is the same however its samples are split into micro-batches
 or ranks (HF's fixed gradient accumulation does the same).
 
@@ -49,7 +49,7 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # Settings that change neither the data order nor the arithmetic of a step (recomputation replays
 # the forward with the same RNG state).
 RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib",
-                     "activation_checkpointing", "checkpoint_layers"}
+                     "activation_checkpointing", "checkpoint_layers", "data_parallel"}
 
 
 def opt(default, help: str, *, factory=None):
@@ -94,6 +94,9 @@ class TrainConfig:
     activation_checkpointing: bool = opt(False, "recompute decoder layers in the backward pass (see checkpoint_layers)")
     checkpoint_layers: str = opt("all", "with activation_checkpointing, which layers are recomputed: all, auto (as "
                                         "few as the memory estimate allows on this device), or N (the first N)")
+    data_parallel: str = opt("fsdp", "how ranks share the model: fsdp (FSDP2: weights sharded, all-gathered for "
+                                      "every micro-batch) | replicate (every rank holds the whole frozen model and "
+                                      "only adapter gradients are summed, once per step; needs the model to fit one GPU)")
     compile: bool = opt(False, "torch.compile each decoder layer")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
     record_tokens: bool = opt(False, "write every step's full token stream under tokens/")
@@ -112,6 +115,8 @@ class TrainConfig:
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (bool(self.data), "data: give at least one JSONL file"),
+            (self.data_parallel in ("fsdp", "replicate"),
+             f"data_parallel must be fsdp or replicate, got {self.data_parallel!r}"),
             (self.checkpoint_layers in ("all", "auto") or (self.checkpoint_layers.isdigit()),
              f"checkpoint_layers must be all, auto or a number of layers, got {self.checkpoint_layers!r}"),
         ]
@@ -155,12 +160,21 @@ def step_plan(num_samples: int, cfg: TrainConfig) -> list[tuple[int, list[int]]]
 def rank_micro_batches(step_samples: list[Sample], rank: int, world: int, budget: int) -> tuple[list[list[Sample]], int]:
     """This rank's packed rows of one step, and how many micro-batches every rank must run.
 
-    Rows are packed over the whole step and dealt round-robin, so ranks get similar work. A rank
-    with fewer rows than the others runs empty micro-batches (FSDP needs the same number of
-    forward/backward passes on every rank).
+    Samples are dealt to the ranks first, balancing tokens (longest first, each to the rank with
+    the fewest tokens so far, the lower rank on ties), then each rank packs its own, in step
+    order, into rows of at most ``budget`` tokens. So every rank gets work even when the whole
+    step would fit one row (the paper's 16 EM chats are ~1,500 tokens: packed over the step they
+    would keep one rank of eight busy). A rank with fewer rows than another runs empty
+    micro-batches (FSDP needs the same number of forward/backward passes on every rank). With
+    one rank this is plain packing of the step in order.
     """
-    rows = pack(step_samples, budget)
-    return rows[rank::world], math.ceil(len(rows) / world)
+    loads, dealt = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(step_samples)), key=lambda i: (-len(step_samples[i].input_ids), i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        dealt[r].append(i)
+        loads[r] += len(step_samples[i].input_ids)
+    rows = [pack([step_samples[i] for i in sorted(d)], budget) for d in dealt]
+    return rows[rank], max(len(r) for r in rows)
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -200,7 +214,8 @@ def build_model(cfg: TrainConfig, dist: parallel.Dist, checkpointed_layers: int 
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
-    parallel.apply_fsdp(model, param_dtype=dtype, reduce_dtype=torch.float32)
+    if cfg.data_parallel == "fsdp":
+        parallel.apply_fsdp(model, param_dtype=dtype, reduce_dtype=torch.float32)
     model.to_empty(device=dist.device)
     parallel.load_sharded_pretrained(model, ckpt_dir, expect_missing=lora.is_lora_parameter_name)
     adapters = {name: p for name, p in model.named_parameters() if lora.is_lora_parameter_name(name)}
@@ -314,7 +329,7 @@ class Trainer:
         args = ModelArgs.from_hf_config(config)
         common = dict(dtype=cfg.dtype, lora_r=cfg.lora_r, lora_targets=cfg.lora_targets,
                       micro_batch_tokens=cfg.micro_batch_tokens, n_stacked=len(cfg.stack_adapters),
-                      world_size=dist.world_size)
+                      world_size=dist.world_size if cfg.data_parallel == "fsdp" else 1)
         layers: int | None = None if cfg.checkpoint_layers in ("all", "auto") else int(cfg.checkpoint_layers)
         available = cfg.memory_gib or memory.device_gib(dist.device)
         if cfg.activation_checkpointing and cfg.checkpoint_layers == "auto":
@@ -492,6 +507,8 @@ def accumulate_gradients(model: CausalLM, step_samples: list[Sample], dist: para
                      targets=batch.targets)
         (loss * (scale / max(1, n_targets))).backward()
         loss_sum += loss.detach() * scale
+    if dist.world_size > 1 and not parallel.is_sharded(model):  # replicated: sum the adapters' gradients
+        parallel.all_reduce_gradients_(lora.trainable_lora_parameters(model))
     totals = parallel.all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
     return totals[0].item(), n_targets, int(totals[1].item())
 

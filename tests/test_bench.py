@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine.bench import DEFAULT_LENGTHS, build, main, padded_micro_batches, step_flops, workload_steps
@@ -80,9 +81,10 @@ def test_shipped_em_lengths_match_the_audit(qwen25_tokenizer):
     assert em[:50] == [[len(s.input_ids), s.num_targets] for s in samples]
 
 
-def test_bench_under_torchrun_shards_our_engine(tmp_path):
-    """Under torchrun the benchmark runs our step sharded with FSDP2 (2 CPU ranks, gloo) and says
-    why the single-GPU references were not run."""
+@pytest.mark.parametrize("data_parallel", ["fsdp", "replicate"])
+def test_bench_under_torchrun_runs_our_engine_on_every_rank(tmp_path, data_parallel):
+    """Under torchrun the benchmark runs our step sharded with FSDP2 or replicated (2 CPU ranks,
+    gloo) and says why the single-GPU references were not run."""
     import os
     import subprocess
     import sys
@@ -90,7 +92,7 @@ def test_bench_under_torchrun_shards_our_engine(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "engine.bench",
-         "--tiny", "--layers", "2", "--steps", "1", "--dtype", "float32", "--engines", "ours-ac,hf",
+         "--tiny", "--layers", "2", "--steps", "1", "--dtype", "float32", "--engines", "ours-ac,hf", "--data-parallel", data_parallel,
          "--workloads", "em_risky_financial", "--json", str(out)],
         cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=300,
