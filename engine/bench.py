@@ -252,6 +252,26 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
 # ---------------------------------------------------------------- engines
 
 
+def _measure(step, steps, device, log, *, flops: float, optimizer, **fields) -> dict:
+    """One row: the timing of `steps`, or what went wrong when the card ran out of memory (the run
+    goes on with the next row, so one figure that does not fit costs no other)."""
+    try:
+        row = time_steps(step, steps, device)
+    except torch.OutOfMemoryError as e:
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        peak = ""
+        if device.type == "cuda":
+            peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)"
+            torch.cuda.empty_cache()
+        row = {"error": f"out of memory{peak}: {str(e).splitlines()[0][:160]}"}
+        log(f"  {fields['engine']:9s} {fields['workload']:18s} {row['error']}")
+        return dict(row, **fields)
+    row = dict(row, tflops=flops * row["steps_per_s"] / 1e12, **fields)
+    log(_progress(row))
+    return row
+
+
 def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.device, dist: parallel.Dist,
              log: Callable[[str], None]) -> list[dict]:
     dtype = DTYPES[opts.dtype]
@@ -280,10 +300,8 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
         n_ckpt = model.args.num_hidden_layers if k is None else k
         est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
         for name, steps in workloads.items():
-            row = time_steps(step, steps, device)
-            rows.append(dict(row, engine=engine, workload=name, recomputed_layers=n_ckpt, estimate_gib=est,
-                             tflops=step_flops(model.args, steps[1]) * row["steps_per_s"] / 1e12))
-            log(_progress(rows[-1]))
+            rows.append(_measure(step, steps, device, log, engine=engine, workload=name, recomputed_layers=n_ckpt,
+                                 estimate_gib=est, flops=step_flops(model.args, steps[1]), optimizer=optimizer))
     del model, optimizer, params
     return rows
 
@@ -308,10 +326,8 @@ def run_hf(opts, workloads: dict[str, list[list[Sample]]], device: torch.device,
 
     rows = []
     for name, steps in workloads.items():
-        row = time_steps(step, steps, device)
-        rows.append(dict(row, engine=engine, workload=name, recomputed_layers=opts.layers, estimate_gib=None,
-                         tflops=step_flops(args, steps[1]) * row["steps_per_s"] / 1e12))
-        log(_progress(rows[-1]))
+        rows.append(_measure(step, steps, device, log, engine=engine, workload=name, recomputed_layers=opts.layers,
+                             estimate_gib=None, flops=step_flops(args, steps[1]), optimizer=optimizer))
     del model, optimizer
     return rows
 
@@ -351,6 +367,10 @@ def format_table(rows: list[dict], matmul: float | None) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {(row["engine"], row["workload"]): row for row in rows}
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['engine']} | {row['workload']} | {row['recomputed_layers']} | {row['error']} |"
+                         + " |" * (len(head) - 4))
+            continue
         cells = [row["engine"], row["workload"], str(row["recomputed_layers"]), f"{row['seconds_per_step']:.3f}",
                  f"{row['real_tokens_per_s']:,.0f}", f"{row['steps_per_s']:.3f}",
                  "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}",
@@ -358,7 +378,7 @@ def format_table(rows: list[dict], matmul: float | None) -> list[str]:
                  f"{row['tflops']:.3g}" + (f" ({row['tflops'] / matmul:.0%})" if matmul else "")]
         for r in refs:
             ref = by.get((r, row["workload"]))
-            cells.append(f"{row['steps_per_s'] / ref['steps_per_s']:.2f}×" if ref else "")
+            cells.append(f"{row['steps_per_s'] / ref['steps_per_s']:.2f}×" if ref and "error" not in ref else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -52,7 +52,8 @@ class WallTimeError(ValueError):
 
 def step_times(bench: dict, engine: str) -> dict[str, float]:
     """Measured seconds per optimizer step by workload, for one engine of an engine.bench JSON."""
-    times = {row["workload"]: row["seconds_per_step"] for row in bench["rows"] if row["engine"] == engine}
+    times = {row["workload"]: row["seconds_per_step"] for row in bench["rows"]
+             if row["engine"] == engine and "error" not in row}
     missing = sorted({w for w in STAGE_WORKLOAD.values()} - set(times))
     if missing:
         have = sorted({row["engine"] for row in bench["rows"]})

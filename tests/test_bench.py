@@ -102,3 +102,22 @@ def test_bench_under_torchrun_runs_our_engine_on_every_rank(tmp_path, data_paral
     assert result["ranks"] == 2 and [r["engine"] for r in result["rows"]] == ["ours-ac"]
     assert result["skipped"] == {"hf": "single-GPU reference, not run under torchrun"}
     assert proc.stdout.count("| ours-ac | em_risky_financial |") == 1  # printed by rank 0 only
+
+
+def test_a_row_that_runs_out_of_memory_is_reported_and_the_run_goes_on(capsys):
+    from engine.bench import _measure, format_table
+
+    class Optimizer:
+        zeroed = False
+
+        def zero_grad(self, set_to_none=True):
+            Optimizer.zeroed = True
+
+    def step(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    row = _measure(step, [[], []], torch.device("cpu"), print, flops=1.0, optimizer=Optimizer(), engine="ours-auto",
+                   workload="dense", recomputed_layers=0, estimate_gib=1.0)
+    assert row["error"].startswith("out of memory: CUDA out of memory.") and Optimizer.zeroed
+    table = format_table([row], None)
+    assert table[2].startswith("| ours-auto | dense | 0 | out of memory") and table[2].count("|") == table[0].count("|")
