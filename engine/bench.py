@@ -199,20 +199,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[list[Sample]], None], steps: list[list[Sample]], device: torch.device) -> dict:
-    """One warm-up step, then the median wall time of the others (synchronised per step)."""
-    step(steps[0])
+def time_steps(step: Callable[[list[Sample]], None], steps: list[list[Sample]], device: torch.device,
+               warmup: int = 1) -> dict:
+    """`warmup` untimed steps, then the median wall time of the others (synchronised per step)."""
+    for batch in steps[:warmup]:
+        step(batch)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for batch in steps[1:]:
+    for batch in steps[warmup:]:
         start = time.perf_counter()
         step(batch)
         _sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    real_tokens = statistics.median(sum(len(s.input_ids) for s in batch) for batch in steps[1:])
+    real_tokens = statistics.median(sum(len(s.input_ids) for s in batch) for batch in steps[warmup:])
     return {"seconds_per_step": seconds, "real_tokens_per_s": real_tokens / seconds, "steps_per_s": 1 / seconds,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
@@ -228,6 +230,10 @@ def step_flops(args: ModelArgs, samples: list[Sample]) -> float:
     tokens = sum(len(s.input_ids) for s in samples)
     attention = sum(3.5 * 4 * len(s.input_ids) ** 2 / 2 * q for s in samples) * args.num_hidden_layers
     return 4 * per_token * tokens + attention
+
+
+def median_flops(args: ModelArgs, steps: list[list[Sample]]) -> float:
+    return statistics.median(step_flops(args, batch) for batch in steps)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -252,11 +258,17 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
 # ---------------------------------------------------------------- engines
 
 
-def _measure(step, steps, device, log, *, flops: float, optimizer, **fields) -> dict:
+def warmup_steps(opts) -> int:
+    """Untimed steps first: one (allocator, kernels, optimizer state), two when compiling (the
+    second packed shape makes torch.compile recompile with dynamic shapes)."""
+    return 2 if opts.compile else 1
+
+
+def _measure(step, steps, device, log, *, flops: float, optimizer, warmup: int = 1, **fields) -> dict:
     """One row: the timing of `steps`, or what went wrong when the card ran out of memory (the run
     goes on with the next row, so one figure that does not fit costs no other)."""
     try:
-        row = time_steps(step, steps, device)
+        row = time_steps(step, steps, device, warmup)
     except torch.OutOfMemoryError as e:
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
@@ -278,6 +290,9 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
     sharded = dist.world_size > 1 and opts.data_parallel == "fsdp"
     model = build(opts.preset, opts.layers, dtype, device, tiny=opts.tiny, activation_checkpointing=False,
                   fsdp=sharded)
+    if opts.compile:  # as the trainer's compile = true: each decoder layer
+        for layer in model.model.layers:
+            layer.compile()
     params = lora.trainable_lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
 
@@ -299,9 +314,11 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
         set_checkpointing(model, k)
         n_ckpt = model.args.num_hidden_layers if k is None else k
         est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
+        label = engine + ("+compile" if opts.compile else "")
         for name, steps in workloads.items():
-            rows.append(_measure(step, steps, device, log, engine=engine, workload=name, recomputed_layers=n_ckpt,
-                                 estimate_gib=est, flops=step_flops(model.args, steps[1]), optimizer=optimizer))
+            rows.append(_measure(step, steps, device, log, engine=label, workload=name, recomputed_layers=n_ckpt,
+                                 estimate_gib=est, flops=median_flops(model.args, steps[warmup_steps(opts):]), optimizer=optimizer,
+                                 warmup=warmup_steps(opts)))
     del model, optimizer, params
     return rows
 
@@ -327,7 +344,8 @@ def run_hf(opts, workloads: dict[str, list[list[Sample]]], device: torch.device,
     rows = []
     for name, steps in workloads.items():
         rows.append(_measure(step, steps, device, log, engine=engine, workload=name, recomputed_layers=opts.layers,
-                             estimate_gib=None, flops=step_flops(args, steps[1]), optimizer=optimizer))
+                             estimate_gib=None, flops=median_flops(args, steps[warmup_steps(opts):]), optimizer=optimizer,
+                             warmup=warmup_steps(opts)))
     del model, optimizer
     return rows
 
@@ -409,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-parallel", default="fsdp", choices=("fsdp", "replicate"),
                    help="under torchrun: shard our model with FSDP2 (default) or replicate it on every rank")
     p.add_argument("--memory-gib", type=float, default=None, help="memory ours-auto plans for (default: the GPU's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each of our decoder layers (the "
+                   "trainer's compile = true); the warm-up step then includes compilation")
     p.add_argument("--tiny", action="store_true", help="toy dimensions (a CPU check of the script)")
     p.add_argument("--json", default=None, help="also write the rows and environment to this JSON file")
     p.add_argument("--write", default=None, help="append the table, card, versions and date to this Markdown file")
@@ -422,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     device = dist.device
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
     vocab = model_config(opts.preset, 1, opts.tiny)["vocab_size"]
-    workloads = {w: steps_for(w, opts.steps + 1, vocab, Path(opts.lengths), opts.seq_len)
+    workloads = {w: steps_for(w, opts.steps + warmup_steps(opts), vocab, Path(opts.lengths), opts.seq_len)
                  for w in opts.workloads.split(",") if w}
     env = environment(device)
     log(f"{env['device']} | {opts.preset}{' (tiny)' if opts.tiny else ''} x{opts.layers} layers | {opts.dtype} | "

@@ -22,6 +22,9 @@ Forward::
 
     y = F.linear(x, W, b) + sum_k scaling_k * B_k(A_k(dropout_k(x)))
 
+where each adapter's ``+ scaling_k * B_k(·)`` is one GEMM accumulating into the base output
+(``addmm_`` with ``alpha = scaling_k``, :meth:`LoraAdapter.add_to_`).
+
 with ``A_k``, ``B_k`` cast to ``x.dtype`` (fp32 master weights, computed in the activation dtype;
 under FSDP2 mixed precision they already arrive in bf16 and the cast is a no-op). Base weights are
 never cast or trained. ``scaling = alpha / sqrt(r)`` with rsLoRA, ``alpha / r`` otherwise.
@@ -162,6 +165,15 @@ class LoraAdapter(nn.Module):
         a, b = self.A.to(x.dtype), self.B.to(x.dtype)
         return F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
+    def add_to_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + delta(x)`` written into ``out`` (a base layer's output, which autograd does not
+        keep) by one GEMM that accumulates into it with ``alpha = scaling``: the (tokens × out)
+        product is never materialised, scaled and added as separate passes (PEFT's three).
+        Rounds once where PEFT rounds three times, so it is at least as close to the exact sum."""
+        a, b = self.A.to(x.dtype), self.B.to(x.dtype)
+        xa = F.linear(self.dropout(x), a)  # (..., r)
+        return out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, self.r), b.t(), alpha=self.scaling).view(out.shape)
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32, shape (out, in)."""
@@ -203,7 +215,7 @@ class LoraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         for adapter in self.lora.values():
-            out = out + adapter(x)
+            out = adapter.add_to_(out, x)
         return out
 
 

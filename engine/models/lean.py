@@ -114,10 +114,15 @@ def recompute_saved(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], 
     extra memory) and ``rebuild(*inputs)`` recomputes it when backward needs it. Every tensor,
     the inputs included, goes through the enclosing saved-tensor hooks (activation
     checkpointing's), if any. A no-op when no graph is being recorded."""
-    if output.grad_fn is None or not torch.is_grad_enabled() or _top_hooks is None:
+    outer = None
+    try:
+        known = output.grad_fn is not None and torch.is_grad_enabled() and _top_hooks is not None
+        outer = _top_hooks(False) if known else None  # (ignore_is_tracing)
+    except (TypeError, RuntimeError):  # the enclosing hooks cannot be read: keep the tensor
+        known = False
+    if not known:
         yield
         return
-    outer = _top_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
 
     def pack(t: torch.Tensor):
