@@ -1,6 +1,6 @@
 """Per-GPU memory estimate of a LoRA training step under FSDP2, printed before training starts.
 
-    python -m engine.memory --preset qwen2.5-32b --gpus 8 --gpu-gib 80
+    python -m engine.memory --preset qwen2.5-32b --gpus 8 --gpu-gib 80 [--data-parallel replicate]
 
 Counts: base weights (sharded over the ranks), the all-gathered layers FSDP keeps in flight,
 adapters and their AdamW state (fp32, sharded), activations per token, a backward working set,
@@ -81,10 +81,10 @@ def estimate(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32, lora
     saved = tokens * (live * layer_token + k * bytes_w * h) + live * layer_casts
     what = "all layers recomputed" if k == L else f"{k} of {L} layers recomputed" if k else "no recomputation"
     est = {
-        "weights (sharded)": n_params * bytes_w / world_size / GIB,
+        "weights (÷ ranks when sharded)": n_params * bytes_w / world_size / GIB,
         "unsharded layers (FSDP all-gather, 2 in flight)": 2 * per_layer * bytes_w / GIB if world_size > 1 else 0.0,
-        "adapters fp32 (new + stacked, sharded)": lora_params * 4 * (1 + n_stacked) / world_size / GIB,
-        "adapter grads + AdamW state fp32 (sharded)": lora_params * 12 / world_size / GIB,
+        "adapters fp32 (new + stacked, ÷ ranks when sharded)": lora_params * 4 * (1 + n_stacked) / world_size / GIB,
+        "adapter grads + AdamW state fp32 (÷ ranks when sharded)": lora_params * 12 / world_size / GIB,
         f"saved activations ({tokens} tokens/micro-batch, {what})": saved / GIB,
         "backward working set (one layer's activations)": (tokens * layer_token + layer_casts) / GIB,
         "loss (fused CE: one logits chunk + d_hidden)": (CHUNK_BYTES + 2 * tokens * h * bytes_w) / GIB,
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m engine.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="qwen2.5-32b", choices=sorted(PRESETS))
-    p.add_argument("--gpus", type=int, default=1, help="FSDP2 ranks")
+    p.add_argument("--gpus", type=int, default=1, help="ranks")
+    p.add_argument("--data-parallel", default="fsdp", choices=("fsdp", "replicate"),
+                   help="fsdp: weights and adapter state sharded over the ranks; replicate: whole on every rank")
     p.add_argument("--gpu-gib", type=float, default=None, help="memory of one GPU (default: this machine's GPU)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--lora-r", type=int, default=32)
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model_args = ModelArgs.from_hf_config(PRESETS[args.preset])
     gib = args.gpu_gib or device_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    common = dict(dtype=args.dtype, lora_r=args.lora_r, world_size=args.gpus)
+    common = dict(dtype=args.dtype, lora_r=args.lora_r, world_size=args.gpus if args.data_parallel == "fsdp" else 1)
+    where = f"{args.gpus} GPU(s){', replicated' if args.data_parallel == 'replicate' and args.gpus > 1 else ''}"
     for ac, label in ((True, "activation checkpointing on every layer"), (False, "no activation checkpointing")):
         est = estimate(model_args, micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=ac, **common)
-        print("\n".join(format_estimate(est, f"GPU, {args.preset}, {args.gpus} GPU(s), {label}")))
+        print("\n".join(format_estimate(est, f"GPU, {args.preset}, {where}, {label}")))
     if gib is None:
         print("\n(no GPU here: give --gpu-gib to see what fits)")
         return 0
-    print(f"\non {args.gpus} GPU(s) of {gib:.0f} GiB ({USABLE:.0%} usable), estimated:")
+    print(f"\non {where} of {gib:.0f} GiB ({USABLE:.0%} usable), estimated:")
     for ac in (True, False):
         tokens = largest_micro_batch(model_args, gib, activation_checkpointing=ac, **common)
         print(f"  largest micro-batch {'with' if ac else 'without'} activation checkpointing: "

@@ -14,11 +14,11 @@ def test_estimate_scales_with_shards_and_checkpointing():
     args = ModelArgs.from_hf_config(QWEN25_32B_CONFIG)
     one = estimate(args, activation_checkpointing=True, world_size=1)
     eight = estimate(args, activation_checkpointing=True, world_size=8)
-    assert 60 < one["weights (sharded)"] < 62  # 32.76B bf16 parameters = 61.0 GiB
-    assert eight["weights (sharded)"] * 8 == pytest.approx(one["weights (sharded)"])
+    assert 60 < one["weights (÷ ranks when sharded)"] < 62  # 32.76B bf16 parameters = 61.0 GiB
+    assert eight["weights (÷ ranks when sharded)"] * 8 == pytest.approx(one["weights (÷ ranks when sharded)"])
     # r32 on the seven projections of 64 layers: 32 * (in + out) summed = 4,194,304 per layer,
     # 268,435,456 fp32 parameters = 1.0 GiB.
-    assert one["adapters fp32 (new + stacked, sharded)"] == pytest.approx(268_435_456 * 4 / 2**30)
+    assert one["adapters fp32 (new + stacked, ÷ ranks when sharded)"] == pytest.approx(268_435_456 * 4 / 2**30)
     no_ckpt = estimate(args, activation_checkpointing=False)
     act = [k for k in one if k.startswith("saved activations")][0]
     act_no = [k for k in no_ckpt if k.startswith("saved activations")][0]
@@ -28,7 +28,7 @@ def test_estimate_scales_with_shards_and_checkpointing():
     assert some[0] == pytest.approx(no_ckpt["total"]) and some[0] > some[1] > some[2]
     assert some[2] == pytest.approx(one["total"])
     assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
-    assert estimate(ModelArgs.from_hf_config(SEED_OSS_36B_CONFIG))["weights (sharded)"] > one["weights (sharded)"]
+    assert estimate(ModelArgs.from_hf_config(SEED_OSS_36B_CONFIG))["weights (÷ ranks when sharded)"] > one["weights (÷ ranks when sharded)"]
 
 
 def test_refusal_names_the_figures():
@@ -63,3 +63,16 @@ def test_memory_cli(capsys):
     assert main(["--preset", "seed-oss-36b", "--gpus", "8", "--gpu-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "memory estimate per GPU, seed-oss-36b, 8 GPU(s)" in out and "largest micro-batch with" in out
+
+
+def test_memory_cli_replicated(capsys):
+    """Replicated ranks hold everything whole: the 8-GPU replicated estimate is the 1-GPU one."""
+    from engine.memory import main
+
+    assert main(["--gpus", "8", "--gpu-gib", "79.2", "--data-parallel", "replicate", "--micro-batch-tokens", "2048"]) == 0
+    replicated = capsys.readouterr().out
+    assert main(["--gpus", "1", "--gpu-gib", "79.2", "--micro-batch-tokens", "2048"]) == 0
+    single = capsys.readouterr().out
+    assert "8 GPU(s), replicated" in replicated
+    totals = [[line for line in out.splitlines() if line.strip().startswith("total")] for out in (replicated, single)]
+    assert totals[0] == totals[1] and "67.02 GiB" in totals[0][0]
