@@ -237,3 +237,29 @@ def test_memory_estimate_counts_what_a_step_saves(checkpointing):
                     micro_batch_tokens=tokens, activation_checkpointing=checkpointing) for n in (1, 3)]
     key = next(k for k in est[0] if k.startswith("saved activations"))
     assert (est[1][key] - est[0][key]) / 2 * 2**30 == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4 * 2.0**-10)])
+def test_whole_step_on_the_kernel_path_matches_the_reference_path(dtype, tol):
+    """A packed training forward and backward with every Triton kernel (RMSNorm, attention, fused
+    cross-entropy; interpreted on CPU) against the same model on the torch reference paths: loss
+    and every adapter gradient agree, relative to the largest gradient: fp32 to accumulated
+    rounding, fp16 within four units of its last place (measured: 1.2e-6 and 1.5e-3)."""
+    model = bench.build("qwen2.5-32b", 2, dtype, torch.device("cpu"), tiny=True, activation_checkpointing=True)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.args.vocab_size, (1, 40), generator=g)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[0, :9] = -100
+    cu = torch.tensor([0, 9, 25, 40], dtype=torch.int32)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        with force(backend):
+            loss = model(ids, cu_seqlens=cu, targets=targets)
+            loss.backward()
+        results[backend] = (loss.item(), {n: p.grad.clone() for n, p in lora.named_trainable_lora_parameters(model)})
+    (ref_loss, ref), (loss, got) = results["reference"], results["triton"]
+    assert loss == pytest.approx(ref_loss, rel=tol)
+    for name, grad in ref.items():
+        scale = grad.abs().max().item()
+        assert scale > 0 and (got[name] - grad).abs().max().item() <= tol * scale, name

@@ -12,8 +12,9 @@ intermediate, in elements):
 
 Here instead:
 
-* :func:`rms_norm` is an autograd function with exactly HF's forward ops that saves the input in
-  its own dtype plus one fp32 rstd per row, and the adapters that take its output rebuild it in
+* :func:`rms_norm` is an autograd function with HF's forward numerics (its ops on the torch path,
+  one Triton kernel each way on CUDA: ``kernels/rms_norm.py``) that saves the input in its own
+  dtype plus one fp32 rstd per row, and the adapters that take its output rebuild it in
   backward from that input (:func:`recompute_saved`) — 1h per norm;
 * :func:`swiglu` saves gate and up outputs only and recomputes silu in backward with
   ``aten.silu_backward`` (bit-identical to autograd's gradient); down_proj's adapter input is
@@ -36,10 +37,19 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import use_triton
+
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.triton = use_triton(x, weight)
+        if ctx.triton:  # one pass per row, the same roundings (kernels/rms_norm.py)
+            from kernels.rms_norm import rms_norm_forward
+
+            y, rstd = rms_norm_forward(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         # transformers' Qwen2RMSNorm op for op: fp32 variance, cast back, then scale by the weight.
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
@@ -49,11 +59,16 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        # Autograd's chain for weight * cast(x32 * rstd): the grad of the cast output in x's dtype,
-        # then d x32 = rstd * (g - xhat * mean(g * xhat)) in fp32, cast back to x's dtype.
-        g = (dy * weight).to(x.dtype).to(torch.float32)
-        xhat = x.to(torch.float32) * rstd
-        dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        xhat = x.to(torch.float32) * rstd if not ctx.triton or ctx.needs_input_grad[1] else None
+        if ctx.triton:
+            from kernels.rms_norm import rms_norm_backward
+
+            dx = rms_norm_backward(dy, x, weight, rstd)
+        else:
+            # Autograd's chain for weight * cast(x32 * rstd): the grad of the cast output in x's
+            # dtype, then d x32 = rstd * (g - xhat * mean(g * xhat)) in fp32, cast back to x's dtype.
+            g = (dy * weight).to(x.dtype).to(torch.float32)
+            dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
         d_weight = None
         if ctx.needs_input_grad[1]:
             normed = xhat.to(x.dtype)
