@@ -29,7 +29,7 @@ PY
 
 # 1. Correctness on the card: the tests that skip without CUDA (kernels in bf16, models, generation).
 timeout 170 python -m pytest -q -rs -x -p no:cacheprovider tests/test_kernels_attention.py \
-    tests/test_kernels_cross_entropy.py tests/test_kernels_rms_norm.py tests/test_models.py tests/test_generate.py tests/test_lean.py \
+    tests/test_kernels_cross_entropy.py tests/test_kernels_rms_norm.py tests/test_kernels_swiglu.py tests/test_models.py tests/test_generate.py tests/test_lean.py \
     2>&1 | tail -25 | tee "$out/tests.txt"
 
 # 2. LoRA optimizer steps of a Qwen2.5-32B-shaped model: ours (recomputing every layer; recomputing as

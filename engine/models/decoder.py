@@ -30,7 +30,7 @@ from kernels.cross_entropy import linear_cross_entropy
 from .attention import attention, position_ids_from_cu_seqlens
 from .config import ModelArgs
 from .kv_cache import KVCache, LayerCache
-from .lean import recompute_saved, rms_norm, swiglu
+from .lean import recompute_saved, rms_norm, swiglu, swiglu_values
 
 
 class RMSNorm(nn.Module):
@@ -144,7 +144,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # (b, s, i)
         m = swiglu(gate, up)  # keeps gate and up for backward
-        with recompute_saved(m, swiglu, gate, up):  # down_proj's adapters rebuild their input from them
+        with recompute_saved(m, swiglu_values, gate, up):  # down_proj's adapters rebuild their input from them
             out = self.down_proj(m)  # (b, s, h)
         # Seed-OSS drops out the MLP branch before the residual add (0.0 for Qwen2).
         return F.dropout(out, p=self.residual_dropout, training=self.training)

@@ -85,11 +85,20 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
+        ctx.triton = use_triton(gate, up)
+        if ctx.triton:  # one pass, torch's roundings (kernels/swiglu.py)
+            from kernels.swiglu import swiglu_forward
+
+            return swiglu_forward(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, dm: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if ctx.triton:
+            from kernels.swiglu import swiglu_backward
+
+            return swiglu_backward(dm, gate, up)
         d_gate = torch.ops.aten.silu_backward(dm * up, gate)  # what autograd computes for F.silu
         d_up = dm * F.silu(gate)
         return d_gate, d_up
@@ -98,6 +107,15 @@ class _SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``; saves gate and up only, the same gradients as autograd's."""
     return _SwiGLUFunction.apply(gate, up)
+
+
+def swiglu_values(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The forward value alone (rebuilding the product in backward), on the same path as :func:`swiglu`."""
+    if use_triton(gate, up):
+        from kernels.swiglu import swiglu_forward
+
+        return swiglu_forward(gate, up)
+    return F.silu(gate) * up
 
 
 class _Rebuild:
