@@ -1,4 +1,4 @@
-"""Kernel benchmarks: `python -m kernels.bench [--only ce|attention] [--reference-only] [--json PATH]`.
+"""Kernel benchmarks: `python -m kernels.bench [--only ce|elementwise|attention] [--reference-only] [--json PATH]`.
 
 Times each Triton kernel against its references at the issue's shapes, all in the same run on the
 same card, and prints one table: median time of CUDA-event-timed forward+backward calls, TFLOP/s
@@ -11,6 +11,9 @@ frozen W (LoRA), with 0%, 25% and 99% of the targets ignored. References: naive 
 matmul + fp32 F.cross_entropy), this repo's reference path (torch, trained rows gathered) and
 Liger-Kernel's LigerFusedLinearCrossEntropyLoss when it imports. Targets: ≤ 0.85× Liger's time at
 ≤ 0.25 GiB extra (25% ignored); with 99% ignored ≤ 0.05× the all-trained time.
+
+Elementwise (``run_elementwise``): RMSNorm at 4096 × 5120 and SwiGLU's silu(gate)·up at
+4096 × 27,648, bf16, forward + backward: torch op by op vs the Triton kernels vs Liger's.
 
 The attention section comes from `kernels.bench_attention.run(args) -> list[dict]` (rows with keys
 name, ms, tflops, extra_gib, ratios); `args` is this script's argparse namespace (reference_only,
@@ -183,6 +186,84 @@ def run_ce(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Elementwise: RMSNorm and SwiGLU
+# ---------------------------------------------------------------------------------------------
+
+NORM_FULL, NORM_SMALL = (4096, 5120), (64, 48)  # Qwen2.5-32B: tokens × hidden
+SWIGLU_FULL, SWIGLU_SMALL = (4096, 27648), (64, 96)  # tokens × intermediate
+
+
+def run_elementwise(args) -> list[dict]:
+    """RMSNorm and SwiGLU forward + backward: torch op by op (what transformers runs, autograd's
+    backward), the Triton kernels, and Liger-Kernel's when it imports. The figure of merit is
+    memory bandwidth: GB/s counts the bytes an ideal fused pass moves (norm: x, y, dy, x, dx;
+    SwiGLU: gate, up, m, dm, gate, up, d gate, d up)."""
+    from engine.models.lean import rms_norm, swiglu
+
+    device = torch.device("cpu" if args.reference_only else "cuda")
+    dtype = torch.float32 if args.reference_only else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def hf_norm(x, w):
+        x32 = x.to(torch.float32)
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    cases = []
+    shape = NORM_SMALL if args.reference_only else NORM_FULL
+    x = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[1], generator=g)).to(device, dtype)
+    impls = {"torch op by op": lambda: hf_norm(x, w)}
+    if not args.reference_only:
+        impls["rmsnorm triton"] = lambda: rms_norm(x, w, 1e-6)
+        try:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            impls["liger"] = lambda: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama")
+        except ImportError:
+            pass
+    cases.append(("rmsnorm", f"RMSNorm {shape[0]}×{shape[1]} {str(dtype).removeprefix('torch.')}, fwd+bwd",
+                  impls, (x,), 5 * x.numel() * x.element_size()))
+
+    shape = SWIGLU_SMALL if args.reference_only else SWIGLU_FULL
+    gate = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
+    up = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
+    impls = {"torch op by op": lambda: F.silu(gate) * up}
+    if not args.reference_only:
+        impls["swiglu triton"] = lambda: swiglu(gate, up)
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            impls["liger"] = lambda: LigerSiLUMulFunction.apply(gate, up)
+        except ImportError:
+            pass
+    cases.append(("swiglu", f"SwiGLU silu(gate)·up {shape[0]}×{shape[1]} {str(dtype).removeprefix('torch.')}, "
+                  "fwd+bwd", impls, (gate, up), 8 * gate.numel() * gate.element_size()))
+
+    for _, case, impls, inputs, nbytes in cases:
+        grad_out = torch.randn(inputs[0].shape, generator=g).to(device, dtype)
+        measured = {}
+        for name, fn in impls.items():
+            def step(fn=fn):
+                for t in inputs:
+                    t.grad = None
+                fn().backward(grad_out)
+
+            def reset():
+                for t in inputs:
+                    t.grad = None
+
+            with backend.force("triton" if "triton" in name else "reference"):
+                ms, extra = measure(step, device, args.repeats, args.warmup, reset=reset)
+            measured[name] = dict(section="elementwise", name=name, case=case, ms=ms, tflops=None, extra_gib=extra,
+                                  target=f"{nbytes / ms / 1e6:,.0f} GB/s (ideal bytes)")
+        for row in measured.values():
+            row["ratios"] = {ref: row["ms"] / measured[ref]["ms"] for ref in measured if ref != row["name"]}
+        rows += measured.values()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Attention (written next door) and the report
 # ---------------------------------------------------------------------------------------------
 
@@ -241,7 +322,7 @@ def environment(reference_only: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("ce", "attention"), help="run one section")
+    p.add_argument("--only", choices=("ce", "attention", "elementwise"), help="run one section")
     p.add_argument("--reference-only", action="store_true",
                    help="only the reference paths, on CPU, at small shapes (CI check of the script)")
     p.add_argument("--repeats", type=int, default=None,
@@ -260,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     if args.only in (None, "ce"):
         rows += run_ce(args)
+    if args.only in (None, "elementwise"):
+        rows += run_elementwise(args)
     if args.only in (None, "attention"):
         attention = run_attention_section(args)
         if attention is None:

@@ -78,3 +78,16 @@ def test_model_path_uses_the_kernel_and_keeps_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_rms_norm_matches_transformers(dtype):
     _check((4096, 5120), dtype, torch.device("cuda"))
+
+
+def test_elementwise_benchmark_runs_on_cpu(tmp_path):
+    """CI form of `python -m kernels.bench --reference-only --only elementwise` (figures meaningless)."""
+    import json
+
+    from kernels.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--reference-only", "--only", "elementwise", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["section"], r["name"]) for r in rows] == [("elementwise", "torch op by op")] * 2
+    assert all(r["ms"] > 0 and r["target"].endswith("GB/s (ideal bytes)") for r in rows)
