@@ -267,16 +267,19 @@ def warmup_steps(opts) -> int:
 def _measure(step, steps, device, log, *, flops: float, optimizer, warmup: int = 1, **fields) -> dict:
     """One row: the timing of `steps`, or what went wrong when the card ran out of memory (the run
     goes on with the next row, so one figure that does not fit costs no other)."""
+    error = None
     try:
         row = time_steps(step, steps, device, warmup)
     except torch.OutOfMemoryError as e:
+        error = str(e).splitlines()[0][:160]  # only the text: the traceback holds the step's tensors
+    if error is not None:
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         peak = ""
         if device.type == "cuda":
             peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)"
             torch.cuda.empty_cache()
-        row = {"error": f"out of memory{peak}: {str(e).splitlines()[0][:160]}"}
+        row = {"error": f"out of memory{peak}: {error}"}
         log(f"  {fields['engine']:9s} {fields['workload']:18s} {row['error']}")
         return dict(row, **fields)
     row = dict(row, tflops=flops * row["steps_per_s"] / 1e12, **fields)

@@ -166,13 +166,13 @@ class LoraAdapter(nn.Module):
         return F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 
     def add_to_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out + delta(x)`` written into ``out`` (a base layer's output, which autograd does not
-        keep) by one GEMM that accumulates into it with ``alpha = scaling``: the (tokens × out)
+        """``out + delta(x)`` for 2-D ``x`` (tokens, in), written into ``out`` (tokens, out: a base
+        layer's output, not a view, which autograd does not keep) by one GEMM that accumulates into it with ``alpha = scaling``: the (tokens × out)
         product is never materialised, scaled and added as separate passes (PEFT's three).
         Rounds once where PEFT rounds three times, so it is at least as close to the exact sum."""
         a, b = self.A.to(x.dtype), self.B.to(x.dtype)
-        xa = F.linear(self.dropout(x), a)  # (..., r)
-        return out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, self.r), b.t(), alpha=self.scaling).view(out.shape)
+        xa = F.linear(self.dropout(x), a)  # (tokens, r)
+        return out.addmm_(xa, b.t(), alpha=self.scaling)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -213,10 +213,15 @@ class LoraLinear(nn.Linear):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if not self.lora:
+            return F.linear(x, self.weight, self.bias)
+        # On 2-D rows: for 3-D input, F.linear's output would be a view, and accumulating into a
+        # view costs autograd a copy of the gradient in backward.
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, self.weight, self.bias)
         for adapter in self.lora.values():
-            out = adapter.add_to_(out, x)
-        return out
+            out = adapter.add_to_(out, x2)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------

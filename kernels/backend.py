@@ -108,13 +108,25 @@ class InterpretedKernel:
 
         probe = types.FunctionType((lambda: None).__code__, {"tl": tl, "core": tl.core})
         refuse = JITFunction.__call__
-        scope = interpreter._patch_lang(probe)
-        JITFunction.__call__ = call_rewritten
+        patch_tensor = interpreter._patch_lang_tensor
+
+        # triton < 3.7's interpreter turns its 1-element arrays into ints with int(), which numpy
+        # >= 2.4 refuses (triton-lang/triton#9171): index the element instead, for this launch.
+        def patch_tensor_index(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interpreter._patch_lang_tensor = patch_tensor_index
         try:
-            self._interpreted[fn][grid](*args, **kwargs)
+            scope = interpreter._patch_lang(probe)
+            JITFunction.__call__ = call_rewritten
+            try:
+                self._interpreted[fn][grid](*args, **kwargs)
+            finally:
+                JITFunction.__call__ = refuse
+                scope.restore()
         finally:
-            JITFunction.__call__ = refuse
-            scope.restore()
+            interpreter._patch_lang_tensor = patch_tensor
 
 
 def launchable(kernel, device: torch.device):

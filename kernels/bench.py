@@ -339,21 +339,27 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.reference_only)
     rows: list[dict] = []
     status = 0
+    header = (f"kernels.bench on {env['device']} (torch {env['torch']}, triton {env['triton']})"
+              + (" — reference paths only, figures meaningless" if args.reference_only else ""))
+
+    def report(section_rows: list[dict]) -> None:  # per section, so a run cut short keeps what it measured
+        rows.extend(section_rows)
+        print_table(section_rows, header)
+        sys.stdout.flush()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(environment=env, results=rows), f, indent=1)
+
     if args.only in (None, "ce"):
-        rows += run_ce(args)
+        report(run_ce(args))
     if args.only in (None, "elementwise"):
-        rows += run_elementwise(args)
+        report(run_elementwise(args))
     if args.only in (None, "attention"):
         attention = run_attention_section(args)
         if attention is None:
             status = 2 if args.only == "attention" else status
         else:
-            rows += attention
-    print_table(rows, f"kernels.bench on {env['device']} (torch {env['torch']}, triton {env['triton']})"
-                + (" — reference paths only, figures meaningless" if args.reference_only else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, results=rows), f, indent=1)
+            report(attention)
     return status
 
 
