@@ -12,8 +12,9 @@ matmul + fp32 F.cross_entropy), this repo's reference path (torch, trained rows 
 Liger-Kernel's LigerFusedLinearCrossEntropyLoss when it imports. Targets: ≤ 0.85× Liger's time at
 ≤ 0.25 GiB extra (25% ignored); with 99% ignored ≤ 0.05× the all-trained time.
 
-Elementwise (``run_elementwise``): RMSNorm at 4096 × 5120 and SwiGLU's silu(gate)·up at
-4096 × 27,648, bf16, forward + backward: torch op by op vs the Triton kernels vs Liger's.
+Elementwise (``run_elementwise``): RMSNorm at 4096 × 5120, SwiGLU's silu(gate)·up at
+4096 × 27,648 and RoPE on q at 4096 × 40 × 128, bf16, forward + backward: torch op by op vs the
+Triton kernels vs Liger's.
 
 The attention section comes from `kernels.bench_attention.run(args) -> list[dict]` (rows with keys
 name, ms, tflops, extra_gib, ratios); `args` is this script's argparse namespace (reference_only,
@@ -194,10 +195,10 @@ SWIGLU_FULL, SWIGLU_SMALL = (4096, 27648), (64, 96)  # tokens × intermediate
 
 
 def run_elementwise(args) -> list[dict]:
-    """RMSNorm and SwiGLU forward + backward: torch op by op (what transformers runs, autograd's
-    backward), the Triton kernels, and Liger-Kernel's when it imports. The figure of merit is
-    memory bandwidth: GB/s counts the bytes an ideal fused pass moves (norm: x, y, dy, x, dx;
-    SwiGLU: gate, up, m, dm, gate, up, d gate, d up)."""
+    """RMSNorm, SwiGLU and RoPE forward + backward: torch op by op (what transformers runs,
+    autograd's backward), the Triton kernels, and Liger-Kernel's (norm, SwiGLU) when it imports.
+    The figure of merit is memory bandwidth: GB/s counts the bytes an ideal fused pass moves
+    (norm: x, y, dy, x, dx; SwiGLU: gate, up, m, dm, gate, up, d gate, d up; RoPE: x, y, dy, dx)."""
     from engine.models.lean import rms_norm, swiglu
 
     device = torch.device("cpu" if args.reference_only else "cuda")
@@ -239,6 +240,25 @@ def run_elementwise(args) -> list[dict]:
             pass
     cases.append(("swiglu", f"SwiGLU silu(gate)·up {shape[0]}×{shape[1]} {str(dtype).removeprefix('torch.')}, "
                   "fwd+bwd", impls, (gate, up), 8 * gate.numel() * gate.element_size()))
+
+    tokens, heads, d = (16, 4, 16) if args.reference_only else (4096, 40, 128)  # Qwen2.5-32B's q
+    q = torch.randn(tokens, heads, d, generator=g).to(device, dtype).requires_grad_()
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    emb = torch.cat([torch.arange(tokens, dtype=torch.float32)[:, None] * inv_freq[None, :]] * 2, dim=-1)
+    cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+    def hf_rope():
+        half = d // 2
+        rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+        return q * cos[:, None] + rotated * sin[:, None]
+
+    impls = {"torch op by op": hf_rope}
+    if not args.reference_only:
+        from engine.models.lean import rotary
+
+        impls["rope triton"] = lambda: rotary(q[None], cos[None], sin[None])[0]
+    cases.append(("rope", f"RoPE on q {tokens}×{heads}×{d} {str(dtype).removeprefix('torch.')}, fwd+bwd",
+                  impls, (q,), 4 * q.numel() * q.element_size()))
 
     for _, case, impls, inputs, nbytes in cases:
         grad_out = torch.randn(inputs[0].shape, generator=g).to(device, dtype)

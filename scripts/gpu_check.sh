@@ -31,7 +31,7 @@ PY
 #    full-width bf16 training step on the kernels against the reference paths). The interpreter
 #    tests of the same files run in CI.
 timeout 130 python -m pytest -q -rs -p no:cacheprovider -k "cuda or gpu" tests/test_kernels_attention.py \
-    tests/test_kernels_cross_entropy.py tests/test_kernels_rms_norm.py tests/test_kernels_swiglu.py \
+    tests/test_kernels_cross_entropy.py tests/test_kernels_rms_norm.py tests/test_kernels_swiglu.py tests/test_kernels_rope.py \
     tests/test_lean.py > "$out/tests.txt" 2>&1
 tail -30 "$out/tests.txt"
 

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.backend import use_triton
 from kernels.cross_entropy import linear_cross_entropy
 
 from .attention import attention, position_ids_from_cu_seqlens
 from .config import ModelArgs
 from .kv_cache import KVCache, LayerCache
-from .lean import recompute_saved, rms_norm, swiglu, swiglu_values
+from .lean import recompute_saved, rms_norm, rotary, swiglu, swiglu_values
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +83,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x (b, s, heads, d); cos, sin (b, s, d) broadcast over heads.
+    if use_triton(x):  # one pass each way, the same roundings (kernels/rope.py)
+        return rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return (x * cos) + (rotate_half(x) * sin)
 

@@ -118,6 +118,33 @@ def swiglu_values(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _RotaryFunction(torch.autograd.Function):
+    """RoPE through the Triton kernels (kernels/rope.py); saves cos and sin only, as autograd does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        from kernels.rope import rope_forward
+
+        b, s, h, d = x.shape
+        cos, sin = cos.reshape(b * s, d), sin.reshape(b * s, d)
+        ctx.save_for_backward(cos, sin)
+        return rope_forward(x.reshape(b * s, h, d), cos, sin).view(b, s, h, d)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from kernels.rope import rope_backward
+
+        cos, sin = ctx.saved_tensors
+        b, s, h, d = dy.shape
+        return rope_backward(dy.reshape(b * s, h, d), cos, sin).view(b, s, h, d), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for x (b, s, heads, d), cos and sin (b, s, d), on the
+    Triton kernels (the caller dispatches; the torch expression is ``decoder.apply_rotary``)."""
+    return _RotaryFunction.apply(x, cos, sin)
+
+
 class _Rebuild:
     """What is kept instead of a tensor: how to rebuild it, and its inputs as the enclosing hooks
     packed them."""

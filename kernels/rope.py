@@ -1,0 +1,89 @@
+"""Rotary position embedding as one Triton kernel each way, with transformers' roundings.
+
+transformers applies RoPE as ``(x * cos) + (rotate_half(x) * sin)`` with
+``rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2])``: five to seven passes over q and k per layer
+(multiply, negate, concatenate, multiply, add), each product rounded to the activation dtype and
+the sum rounded again, and the same again in backward. Here one pass reads x (and the per-token
+cos, sin) and writes the result, with exactly those roundings:
+
+    out[:d/2] = round(round(x1·cos1) + round(−x2·sin1))
+    out[d/2:] = round(round(x2·cos2) + round(x1·sin2))
+
+and the backward is autograd's chain for the same expression:
+
+    dx1 = round(round(dy1·cos1) + round(dy2·sin2))
+    dx2 = round(round(dy2·cos2) − round(dy1·sin1))
+
+so the results are bit-identical to torch's on the GPU (the products are single roundings of exact
+fp32 products in both). x is (tokens, heads, d) with cos, sin (tokens, d) in x's dtype.
+``engine.models.decoder.apply_rotary`` calls these when ``kernels.backend.use_triton`` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import launchable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path still works
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < HALF
+        mask = (heads[:, None] < n_heads) & cmask[None, :]
+        dt = out_ptr.dtype.element_ty
+        cos1 = tl.load(cos_ptr + token * 2 * HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        cos2 = tl.load(cos_ptr + token * 2 * HALF + HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        sin1 = tl.load(sin_ptr + token * 2 * HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        sin2 = tl.load(sin_ptr + token * 2 * HALF + HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        base = (token * n_heads + heads[:, None]) * 2 * HALF + cols[None, :]
+        x1 = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + base + HALF, mask=mask, other=0.0).to(tl.float32)
+        a1 = (x1 * cos1).to(dt).to(tl.float32)
+        a2 = (x2 * cos2).to(dt).to(tl.float32)
+        if BACKWARD:  # dx1 = dy1·cos1 + dy2·sin2, dx2 = dy2·cos2 − dy1·sin1
+            b1 = (x2 * sin2).to(dt).to(tl.float32)
+            b2 = -((x1 * sin1).to(dt).to(tl.float32))
+        else:  # out1 = x1·cos1 − x2·sin1, out2 = x2·cos2 + x1·sin2
+            b1 = -((x2 * sin1).to(dt).to(tl.float32))
+            b2 = (x1 * sin2).to(dt).to(tl.float32)
+        tl.store(out_ptr + base, (a1 + b1).to(dt), mask=mask)
+        tl.store(out_ptr + base + HALF, (a2 + b2).to(dt), mask=mask)
+
+
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("the Triton RoPE needs triton (pip install triton)")
+    tokens, n_heads, d = x.shape
+    if d % 2 or cos.shape != (tokens, d) or sin.shape != (tokens, d):
+        raise ValueError(f"expected x (tokens, heads, even d) and cos, sin (tokens, d); got {tuple(x.shape)}, "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+    x, cos, sin = x.contiguous(), cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous()
+    out = torch.empty_like(x)
+    if tokens:
+        block_h = min(triton.next_power_of_2(n_heads), 16)
+        grid = (tokens, triton.cdiv(n_heads, block_h))
+        launchable(_rope_kernel, x.device)[grid](x, cos, sin, out, n_heads, HALF=d // 2, BLOCK_H=block_h,
+                                                 BLOCK_D=triton.next_power_of_2(d // 2), BACKWARD=backward,
+                                                 num_warps=4, enable_fp_fusion=False)  # no FMA: torch rounds each product
+    return out
+
+
+def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for x (tokens, heads, d), cos and sin (tokens, d)."""
+    return _launch(x, cos, sin, backward=False)
+
+
+def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`rope_forward` with respect to x."""
+    return _launch(dy, cos, sin, backward=True)
