@@ -1,4 +1,4 @@
-"""Memory-lean building blocks of the decoder: same forward bits as HF, fewer saved activations.
+"""Memory-lean building blocks of the decoder: HF's forward numerics, fewer saved activations.
 
 What autograd keeps per token and layer decides how many layers a step can run without
 recomputation, and recomputation is a third of a LoRA step's matmul time. Written op by op as
@@ -23,6 +23,9 @@ Here instead:
 For a Qwen2.5-32B layer that is 152 KiB per token instead of 324 KiB in bf16 (see
 ``engine.memory``), the difference between needing activation checkpointing and not at
 4096-token micro-batches on one H200. The recomputation costs a few elementwise ops per layer.
+On the torch path the forward bits are transformers'; on CUDA the Triton kernels (RMSNorm,
+SwiGLU, and :func:`rotary` for RoPE) keep its roundings, RoPE bit for bit, the other two up to the
+order of an fp32 reduction or the last bit of an exponential.
 
 :func:`recompute_saved` works inside non-reentrant activation checkpointing too: the rebuilt
 tensor's inputs, like every other saved tensor, are handed to the checkpoint's own hooks, so
