@@ -270,6 +270,13 @@ def apply_fsdp(
     for module in model.modules():
         if isinstance(module, FSDPModule):
             _set_sum_reduction(module)
+    # Each layer's all-gather starts as soon as the previous layer's has landed, not when the CPU
+    # reaches the layer: its transfer overlaps the previous layer's compute even when the CPU
+    # does not run ahead (2 layers in flight, as the memory estimate counts). Backward keeps
+    # FSDP2's default of prefetching the next layer.
+    layers = _decoder_layers(model)
+    for layer, following in zip(layers, layers[1:]):
+        layer.set_modules_to_forward_prefetch([following])
     return model
 
 
