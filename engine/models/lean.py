@@ -20,7 +20,7 @@ Here instead:
   ``aten.silu_backward`` (bit-identical to autograd's gradient); down_proj's adapter input is
   rebuilt from them — 2i.
 
-For a Qwen2.5-32B layer that is 152 KiB per token instead of 324 KiB in bf16 (see
+For a Qwen2.5-32B layer that is 152 KiB per token instead of 300 KiB in bf16 (see
 ``engine.memory``), the difference between needing activation checkpointing and not at
 4096-token micro-batches on one H200. The recomputation costs a few elementwise ops per layer.
 On the torch path the forward bits are transformers'; on CUDA the Triton kernels (RMSNorm,
