@@ -278,6 +278,7 @@ def test_gpu_bf16_step_on_the_kernels_is_as_accurate_as_the_reference_path():
         for p in model32.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    model16.init_buffers()  # RoPE's inv_freq stays fp32, as in a model built in bf16
     for _, p in lora.named_trainable_lora_parameters(model16):
         p.data = p.data.float()  # fp32 adapters, as the trainer keeps them
     g = torch.Generator().manual_seed(0)
