@@ -318,10 +318,11 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
         n_ckpt = model.args.num_hidden_layers if k is None else k
         est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
         label = engine + ("+compile" if opts.compile else "")
+        warmup = warmup_steps(opts)
         for name, steps in workloads.items():
             rows.append(_measure(step, steps, device, log, engine=label, workload=name, recomputed_layers=n_ckpt,
-                                 estimate_gib=est, flops=median_flops(model.args, steps[warmup_steps(opts):]), optimizer=optimizer,
-                                 warmup=warmup_steps(opts)))
+                                 estimate_gib=est, flops=median_flops(model.args, steps[warmup:]),
+                                 optimizer=optimizer, warmup=warmup))
     del model, optimizer, params
     return rows
 
@@ -345,10 +346,11 @@ def run_hf(opts, workloads: dict[str, list[list[Sample]]], device: torch.device,
         optimizer.zero_grad(set_to_none=True)
 
     rows = []
+    warmup = warmup_steps(opts)
     for name, steps in workloads.items():
         rows.append(_measure(step, steps, device, log, engine=engine, workload=name, recomputed_layers=opts.layers,
-                             estimate_gib=None, flops=median_flops(args, steps[warmup_steps(opts):]), optimizer=optimizer,
-                             warmup=warmup_steps(opts)))
+                             estimate_gib=None, flops=median_flops(args, steps[warmup:]), optimizer=optimizer,
+                             warmup=warmup))
     del model, optimizer
     return rows
 
