@@ -79,6 +79,7 @@ def _layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int, i
     return x2, n_cols, block, warps
 
 
+@torch.compiler.disable  # launched eagerly under torch.compile, as the other kernels
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y shaped like x in the promoted dtype of x and weight, fp32 rstd of shape x.shape[:-1] + (1,))."""
     x2, n_cols, block, warps = _layout(x, weight)
@@ -90,6 +91,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     return y.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 
+@torch.compiler.disable  # launched eagerly under torch.compile, as the other kernels
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """dx for y = rms_norm_forward(x, weight)[0] (the weight's gradient is not computed here)."""
     x2, n_cols, block, warps = _layout(x, weight)

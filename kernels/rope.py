@@ -61,6 +61,7 @@ if triton is not None:
         tl.store(out_ptr + base + HALF, (a2 + b2).to(dt), mask=mask)
 
 
+@torch.compiler.disable  # launched eagerly under torch.compile, as the other kernels
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("the Triton RoPE needs triton (pip install triton)")

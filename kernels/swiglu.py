@@ -59,6 +59,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"gate and up must match, got {tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
 
 
+@torch.compiler.disable  # launched eagerly under torch.compile, as the other kernels
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, shaped and typed like gate."""
     _check(gate, up)
@@ -70,6 +71,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.compiler.disable  # launched eagerly under torch.compile, as the other kernels
 def swiglu_backward(dm: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) for m = swiglu_forward(gate, up) given dm."""
     _check(gate, up)
