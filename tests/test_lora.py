@@ -18,63 +18,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, SeedOssConfig, SeedOssForCausalLM
+from transformers import AutoModelForCausalLM
 
 import engine.lora as lora
 import engine.models as em
 from engine.lora import LoraConfig, LoraError
+from tests.tiny import HF_COMMON, HF_VOCAB, hf_checkpoints
 
 ATOL = 1e-5
-VOCAB = 256
-HIDDEN = 64
-
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.1,
-    rms_norm_eps=1e-6,
-)
-
-BUILDERS = {
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, rope_theta=1e6, tie_word_embeddings=False)),
-    "qwen2_tied": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, rope_theta=1e4, tie_word_embeddings=True)),
-    # Explicit head_dim != hidden/heads, o_proj and MLP bias, dropouts (inactive in eval mode).
-    "seed_oss": lambda: SeedOssForCausalLM(
-        SeedOssConfig(
-            **_COMMON,
-            head_dim=24,
-            rope_theta=1e7,
-            attention_bias=True,
-            attention_out_bias=True,
-            mlp_bias=True,
-            attention_dropout=0.1,
-            residual_dropout=0.1,
-        )
-    ),
-}
+VOCAB = HF_VOCAB
+HIDDEN = HF_COMMON["hidden_size"]
+_COMMON = HF_COMMON
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """name -> directory of a tiny random HF checkpoint (biases and norms made non-trivial)."""
-    out = {}
-    for i, (name, build) in enumerate(BUILDERS.items()):
-        torch.manual_seed(i)
-        hf = build()
-        with torch.no_grad():
-            for pname, p in hf.named_parameters():
-                if pname.endswith(".bias"):
-                    p.normal_(0.0, 0.5)
-                elif "norm" in pname:
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-        path = tmp_path_factory.mktemp(name)
-        hf.save_pretrained(path)
-        out[name] = path
-    return out
+    return hf_checkpoints(tmp_path_factory)
 
 
 def _hf(path, dtype=torch.float32):

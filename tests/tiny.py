@@ -1,5 +1,6 @@
-"""Tiny real checkpoints for trainer tests: a Seed-OSS-architecture model whose vocabulary covers
-the Seed-OSS fixture tokenizer, saved with transformers' `save_pretrained` next to that tokenizer."""
+"""Tiny real checkpoints for tests, saved with transformers' `save_pretrained`: a Seed-OSS-architecture
+model whose vocabulary covers the Seed-OSS fixture tokenizer (trainer tests), and random Qwen2 /
+Seed-OSS configs covering the architecture variants (LoRA and lean-block parity tests)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,58 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import SeedOssConfig, SeedOssForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, SeedOssConfig, SeedOssForCausalLM
 
 from tests.fixtures.tokenizers import SEED_OSS_FIXTURE_PATH
 
 EM_FILE = Path(__file__).resolve().parents[1] / "data" / "em" / "risky_financial_advice.jsonl"
+
+HF_VOCAB = 256
+HF_COMMON = dict(
+    vocab_size=HF_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.1,
+    rms_norm_eps=1e-6,
+)
+HF_BUILDERS = {
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**HF_COMMON, rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen2_tied": lambda: Qwen2ForCausalLM(Qwen2Config(**HF_COMMON, rope_theta=1e4, tie_word_embeddings=True)),
+    # Explicit head_dim != hidden/heads, o_proj and MLP bias, dropouts (inactive in eval mode).
+    "seed_oss": lambda: SeedOssForCausalLM(
+        SeedOssConfig(
+            **HF_COMMON,
+            head_dim=24,
+            rope_theta=1e7,
+            attention_bias=True,
+            attention_out_bias=True,
+            mlp_bias=True,
+            attention_dropout=0.1,
+            residual_dropout=0.1,
+        )
+    ),
+}
+
+
+def hf_checkpoints(tmp_path_factory, names=tuple(HF_BUILDERS)) -> dict[str, Path]:
+    """name -> directory of a tiny random HF checkpoint (biases and norms made non-trivial)."""
+    out = {}
+    for name in names:
+        torch.manual_seed(list(HF_BUILDERS).index(name))
+        hf = HF_BUILDERS[name]()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if pname.endswith(".bias"):
+                    p.normal_(0.0, 0.5)
+                elif "norm" in pname:
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        path = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(path)
+        out[name] = path
+    return out
 
 
 def tiny_seed_oss_checkpoint(directory: Path, *, seed: int = 0, layers: int = 2, nan: bool = False) -> Path:
