@@ -94,14 +94,6 @@ def build(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *,
     return model.train()
 
 
-def set_checkpointing(model: CausalLM, checkpointed_layers: int | None) -> None:
-    """Recompute the first `checkpointed_layers` decoder layers (None: all; 0: none)."""
-    for layer in model.model.layers:
-        vars(layer).pop("forward", None)
-    if checkpointed_layers != 0:
-        parallel.apply_activation_checkpointing(model, checkpointed_layers)
-
-
 def build_hf(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *, tiny: bool, liger: bool):
     """transformers' model of the preset's architecture with PEFT's LoRA, as Axolotl builds it."""
     import peft
@@ -240,19 +232,12 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     """This card's dense matmul rate (8192³, median of 20), the yardstick for the step's rate."""
     if device.type != "cuda":
         return None
+    from kernels.bench import measure
+
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times) / 1e12
+    ms, _ = measure(lambda: a @ b, device, repeats=20, warmup=3)
+    return 2 * 8192**3 / ms / 1e9
 
 
 # ---------------------------------------------------------------- engines
@@ -314,7 +299,7 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
             k = None
         else:  # ours-auto: as few recomputed layers as the estimate allows (all on CPU: nothing to plan)
             k = memory.fewest_checkpointed_layers(model.args, available, **common) if available else None
-        set_checkpointing(model, k)
+        parallel.apply_activation_checkpointing(model, k)  # exactly the first k (None: all)
         n_ckpt = model.args.num_hidden_layers if k is None else k
         est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
         label = engine + ("+compile" if opts.compile else "")

@@ -51,11 +51,12 @@ def layer_activation_bytes(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: 
     """(bytes per token, bytes per layer regardless of tokens) that one decoder layer run without
     recomputation saves for backward; the per-layer part is the adapters cast to the compute dtype."""
     b = DTYPE_BYTES[dtype]
+    shapes = _shapes(args)
     h, inter = args.hidden_size, args.intermediate_size
-    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    targets = [t for t in lora_targets if t in _shapes(args)]
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    targets = [t for t in lora_targets if t in shapes]
     per_token = b * (2 * h + 2 * q + 2 * kv + 2 * inter + lora_r * len(targets)) + 4 * (args.num_attention_heads + 2)
-    casts = b * sum(lora_r * sum(_shapes(args)[t]) for t in targets)
+    casts = b * sum(lora_r * sum(shapes[t]) for t in targets)
     return per_token, casts
 
 

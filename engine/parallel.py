@@ -189,20 +189,24 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def apply_activation_checkpointing(model: nn.Module, layers: int | None = None) -> nn.Module:
     """Recompute decoder layers' activations in backward instead of storing them: every layer, or
     the first ``layers`` of them (fewer recompute less and hold more memory; ``engine.memory``
-    estimates what fits).
+    estimates what fits). Afterwards exactly those layers are checkpointed: calling it again with
+    another count re-plans, and ``layers=0`` undoes it.
 
     Each chosen layer's ``forward`` is replaced, on the instance, by one that runs the class's
     forward under non-reentrant ``torch.utils.checkpoint`` (RNG state preserved, so dropout masks
     are identical in the recomputation). No wrapper module is inserted: parameter and state-dict
     names do not change, so loading and saving by HF name work as before. Apply before
-    ``apply_fsdp``. Idempotent. Returns ``model``.
+    ``apply_fsdp``. Returns ``model``.
     """
     all_layers = _decoder_layers(model)
     if layers is not None and layers < 0:
         raise ValueError(f"layers must be >= 0 (or None for all), got {layers}")
-    for layer in all_layers[: len(all_layers) if layers is None else layers]:
-        if "forward" not in vars(layer):
+    count = len(all_layers) if layers is None else layers
+    for i, layer in enumerate(all_layers):
+        if i < count and not is_activation_checkpointed(layer):
             layer.forward = types.MethodType(_checkpointed_forward, layer)
+        elif i >= count and is_activation_checkpointed(layer):
+            del layer.forward
     return model
 
 

@@ -290,3 +290,14 @@ def test_gpu_bf16_step_on_the_kernels_is_as_accurate_as_the_reference_path():
 
     err_kern, err_ref = _relative_error(kern16, ref), _relative_error(ref16, ref)
     assert err_kern <= err_ref + 2 * 2.0**-8, (err_kern, err_ref)
+
+
+def test_activation_checkpointing_can_be_replanned(ckpts):
+    """apply_activation_checkpointing leaves exactly the first N layers checkpointed, whatever was
+    applied before (engine.bench re-plans one model between its rows)."""
+    model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
+    flags = lambda: [parallel.is_activation_checkpointed(layer) for layer in model.model.layers]  # noqa: E731
+    for layers, expected in ((None, [True, True]), (1, [True, False]), (0, [False, False]), (2, [True, True]),
+                             (1, [True, False])):
+        parallel.apply_activation_checkpointing(model, layers)
+        assert flags() == expected, layers

@@ -170,6 +170,22 @@ def _is_view_of_all(t: torch.Tensor, output: torch.Tensor) -> bool:
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
+def _enclosing_hooks() -> tuple[Callable, Callable] | None:
+    """The saved-tensor hooks active here as (pack, unpack), identities when there are none, or
+    None when they cannot be read."""
+    if _top_hooks is None:
+        return None
+    try:
+        top = _top_hooks(False)  # (ignore_is_tracing)
+    except (TypeError, RuntimeError):
+        return None
+    return top if top is not None else (_identity, _identity)
+
+
+def _identity(t):
+    return t
+
+
 @contextlib.contextmanager
 def recompute_saved(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Iterator[None]:
     """Within this block, autograd does not keep ``output`` for backward: wherever it would be
@@ -177,16 +193,11 @@ def recompute_saved(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], 
     extra memory) and ``rebuild(*inputs)`` recomputes it when backward needs it. Every tensor,
     the inputs included, goes through the enclosing saved-tensor hooks (activation
     checkpointing's), if any. A no-op when no graph is being recorded."""
-    outer = None
-    try:
-        known = output.grad_fn is not None and torch.is_grad_enabled() and _top_hooks is not None
-        outer = _top_hooks(False) if known else None  # (ignore_is_tracing)
-    except (TypeError, RuntimeError):  # the enclosing hooks cannot be read: keep the tensor
-        known = False
-    if not known:
+    outer = _enclosing_hooks() if output.grad_fn is not None and torch.is_grad_enabled() else None
+    if outer is None:  # no graph, or hooks we cannot chain to: keep the tensor
         yield
         return
-    outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
+    outer_pack, outer_unpack = outer
 
     def pack(t: torch.Tensor):
         if _is_view_of_all(t, output):
