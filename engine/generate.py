@@ -38,6 +38,7 @@ from engine.lora import load_peft_adapter
 from engine.models import CausalLM, from_pretrained
 from engine.models.kv_cache import KVCache
 from engine.models.loading import resolve_checkpoint_dir
+from engine.errors import TokenizerError
 from engine.tokenizer import Tokenizer, special_ids
 
 # Tokens that end an assistant turn, by template (names in engine.tokenizer.SPECIAL_TOKENS).
@@ -122,7 +123,7 @@ class Generator:
         self.shard = shard
         self.answer_prefix = answer_prefix
         if tokenizer.vocab_size > model.args.vocab_size:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but the model only "
                 f"{model.args.vocab_size}: wrong tokenizer for this model?"
             )

@@ -55,6 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+
+from engine.errors import LoraError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -70,10 +72,6 @@ _LORA_PARAM_RE = re.compile(r"^(?P<module>.+)\.lora\.(?P<level>\d+)\.(?P<ab>[AB]
 _PEFT_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 _MAX_LISTED = 20
-
-
-class LoraError(ValueError):
-    """A LoRA configuration, adapter file or model that cannot be used together."""
 
 
 # ---------------------------------------------------------------------------------------------

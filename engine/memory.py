@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from engine.errors import WontFit
 from engine.models import ModelArgs
 from kernels.cross_entropy import CHUNK_BYTES
 
@@ -33,10 +34,6 @@ GIB = 1024**3
 USABLE = 0.92  # of the device's memory: the CUDA context and the allocator's fragmentation take the rest
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class WontFit(ValueError):
-    pass
 
 
 def _shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from engine.lora import LoraError, load_peft_adapter, merge_lora_
+from engine.errors import EngineError, report
+from engine.lora import load_peft_adapter, merge_lora_
 from engine.models import from_pretrained, save_pretrained
-from engine.models.loading import CheckpointError, resolve_checkpoint_dir
-from engine.models.saving import SaveError
+from engine.models.loading import resolve_checkpoint_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     overwrite=args.overwrite)
-    except (CheckpointError, LoraError, SaveError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EngineError as e:
+        return report(e)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

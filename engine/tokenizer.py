@@ -29,9 +29,11 @@ from typing import Iterable, Mapping
 import tokenizers
 from tokenizers import decoders as _decoders
 
+from engine.errors import MissingTokenError, TokenizerError
+
 __all__ = [
     "Tokenizer",
-    "TokenizerLoadError",
+    "TokenizerError",
     "MissingTokenError",
     "SPECIAL_TOKENS",
     "special_ids",
@@ -62,17 +64,6 @@ SPECIAL_TOKENS: Mapping[str, Mapping[str, str]] = {
         "tool_call_end": "</seed:tool_call>",
     },
 }
-
-
-class TokenizerLoadError(ValueError):
-    """The given file exists but is not a usable Hugging Face ``tokenizer.json``."""
-
-
-class MissingTokenError(KeyError):
-    """A token (usually a model family's control token) is not in this tokenizer's vocabulary."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message; show it verbatim instead.
-        return str(self.args[0]) if self.args else ""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -184,7 +175,7 @@ class Tokenizer:
                         "tokenizer.model); save a fast tokenizer.json from it once with transformers "
                         "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir))."
                     )
-                raise FileNotFoundError(
+                raise TokenizerError(
                     f"No {TOKENIZER_FILENAME} in checkpoint directory {str(p)!r} "
                     f"(it contains: {', '.join(present) or 'nothing'}). Pass the path of a Hugging "
                     f"Face tokenizer.json, or a model directory downloaded with its tokenizer files "
@@ -193,7 +184,7 @@ class Tokenizer:
         elif p.is_file():
             file = p
         else:
-            raise FileNotFoundError(
+            raise TokenizerError(
                 f"Tokenizer path {str(p)!r} does not exist. Pass a tokenizer.json file or a "
                 f"checkpoint directory containing {TOKENIZER_FILENAME}."
             )
@@ -201,13 +192,13 @@ class Tokenizer:
             text = file.read_text(encoding="utf-8")
             data = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerLoadError(
+            raise TokenizerError(
                 f"{str(file)!r} is not a tokenizer.json: it is not valid JSON ({e}). Pass the "
                 f"Hugging Face fast-tokenizer file tokenizer.json (not a .model/.tiktoken/vocab file)."
             ) from None
         if not isinstance(data, dict) or "model" not in data:
             keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else type(data).__name__
-            raise TokenizerLoadError(
+            raise TokenizerError(
                 f"{str(file)!r} is not a tokenizer.json: it is JSON but has no 'model' section "
                 f"(found: {keys}). Config files such as tokenizer_config.json or config.json are not "
                 f"tokenizers; pass the tokenizer.json next to them."
@@ -215,7 +206,7 @@ class Tokenizer:
         try:
             tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on schema errors
-            raise TokenizerLoadError(
+            raise TokenizerError(
                 f"{str(file)!r} could not be loaded as a Hugging Face tokenizer.json by "
                 f"tokenizers {tokenizers.__version__}: {e}. Re-download or re-save the file."
             ) from None

@@ -36,10 +36,11 @@ import torch
 
 from engine import checkpoint, lora, memory, parallel
 from engine.chat import SystemPolicy
-from engine.config import ConfigError, config_diff, load_config
-from engine.data import DataError, DataErrors, PackedBatch, Sample, collate_packed, load_samples, pack
+from engine.config import config_diff, load_config
+from engine.data import PackedBatch, Sample, collate_packed, load_samples, pack
+from engine.errors import CheckpointError, ConfigError, EngineError, TrainingError, report
 from engine.models import CausalLM, ModelArgs
-from engine.models.loading import CheckpointError, resolve_checkpoint_dir
+from engine.models.loading import resolve_checkpoint_dir
 from engine.tokenizer import Tokenizer
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -134,10 +135,6 @@ class TrainConfig:
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------- the plan: which samples, when, where
@@ -552,10 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
         Trainer(cfg, dist).run()
-    except (ConfigError, DataError, DataErrors, TrainingError, CheckpointError, lora.LoraError, FileNotFoundError) as e:
-        # Every rank reports: a problem may show on one rank only.
-        print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
-        return 2
+    except EngineError as e:  # every rank reports: a problem may show on one rank only
+        return report(e, dist.rank if dist.world_size > 1 else None)
     finally:
         parallel.destroy_distributed()
     return 0

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.checkpoint import sha256_file  # stdlib only: this module stays torch-free
-
-EXIT_BAD_INPUT = 2
+from engine import errors
+from engine.errors import EXIT_BAD_INPUT, EngineError, one_line
 _owns_process_group = False  # load_generator started the torchrun process group itself
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(EngineError, ValueError):
     """Bad input to an eval (missing file, wrong columns, empty set...). The message is one line."""
 
 
@@ -77,12 +77,6 @@ def atomic_write_csv(path: str | os.PathLike, fieldnames: list[str], rows: Itera
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def one_line(message: object) -> str:
-    """Collapse a (possibly multi-line) error message into one line."""
-    parts = [p.strip() for p in str(message).splitlines() if p.strip()]
-    return "; ".join(parts) if parts else type(message).__name__
 
 
 # ------------------------------------------------------------------ reading the model's answer
@@ -159,10 +153,7 @@ def resolve_thinking_budget(template: str, requested: int | None, default_for_se
 def policy_from_args(args: argparse.Namespace):
     from engine.chat import SystemPolicy
 
-    try:
-        return SystemPolicy(args.system_prompt, args.system_text)
-    except ValueError as e:
-        raise EvalInputError(str(e)) from None
+    return SystemPolicy(args.system_prompt, args.system_text)
 
 
 def check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -203,11 +194,8 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
     device = args.device or (str(parallel.init_distributed().device) if sharded else
                              "cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, list(args.adapter), dtype=getattr(torch, args.dtype), device=device)
-    try:
-        gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget, shard=sharded,
-                        answer_prefix=answer_prefix)
-    except ValueError as e:  # a tokenizer larger than the model's vocabulary, a bad thinking budget
-        raise EvalInputError(str(e)) from None
+    gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget, shard=sharded,
+                    answer_prefix=answer_prefix)
     meta = {
         "model": str(args.model),
         "adapters": [str(a) for a in args.adapter],
@@ -224,17 +212,6 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run an eval's main; bad input of any kind → `error: <one line>` on stderr, exit status 2."""
-    from engine.chat import ChatFormatError
-
-    known: tuple[type[BaseException], ...] = (EvalInputError, ChatFormatError, FileNotFoundError, NotADirectoryError)
-    try:
-        from engine.lora import LoraError
-        from engine.models import CheckpointError, ConfigError
-        from engine.tokenizer import MissingTokenError, TokenizerLoadError
-
-        known += (LoraError, CheckpointError, ConfigError, TokenizerLoadError, MissingTokenError)
-    except ImportError:  # pragma: no cover - the engine always has them
-        pass
     global _owns_process_group
     quiet = contextlib.ExitStack()
     if not is_main_process():  # ranks > 0 compute; rank 0 logs and writes
@@ -244,9 +221,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     try:
         with quiet:
             return main(argv)
-    except known as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except EngineError as e:
+        return errors.report(e)
     finally:
         if _owns_process_group:
             from engine import parallel

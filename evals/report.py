@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evals import EvalInputError, atomic_write_json, one_line
+from engine import errors
+from evals import EvalInputError, atomic_write_json
 
 PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_truthfulqa_binary.csv"
 SUMMARY_GLOB = "*_summary.json"
@@ -359,9 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
-    except EvalInputError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except errors.EngineError as e:
+        return errors.report(e)
 
 
 if __name__ == "__main__":

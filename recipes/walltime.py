@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+from engine.errors import EngineError, report
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_STEP = 16
 # Samples per stage kind (one epoch); EM per shipped dataset.
@@ -46,8 +48,8 @@ def em_sizes() -> dict[str, int]:
     return sizes
 
 
-class WallTimeError(ValueError):
-    pass
+class WallTimeError(EngineError, ValueError):
+    """A benchmark file that lacks the step times a wall-time table needs."""
 
 
 def step_times(bench: dict, engine: str) -> dict[str, float]:
@@ -97,17 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--em-dataset", default=None, help="one EM dataset (default: each shipped one)")
     args = p.parse_args(argv)
     try:
-        bench = json.loads(Path(args.bench).read_text())
-        print("\n".join(table(bench, args.engine, args.seeds, args.em_dataset)))
-    except FileNotFoundError:
-        print(f"error: {args.bench}: no such file (write one with python -m engine.bench --json FILE)", file=sys.stderr)
-        return 2
-    except (json.JSONDecodeError, KeyError) as e:
-        print(f"error: {args.bench}: not an engine.bench JSON file ({e})", file=sys.stderr)
-        return 2
-    except WallTimeError as e:
-        print(f"error: {args.bench}: {e}", file=sys.stderr)
-        return 2
+        try:
+            bench = json.loads(Path(args.bench).read_text())
+            lines = table(bench, args.engine, args.seeds, args.em_dataset)
+        except FileNotFoundError:
+            raise WallTimeError(f"{args.bench}: no such file (write one with python -m engine.bench --json FILE)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WallTimeError(f"{args.bench}: not an engine.bench JSON file ({type(e).__name__}: {e})") from None
+    except EngineError as e:
+        return report(e)
+    print("\n".join(lines))
     return 0
 
 

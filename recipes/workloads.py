@@ -19,7 +19,8 @@ from pathlib import Path
 
 from engine.chat import SystemPolicy
 from engine.data import load_samples
-from engine.tokenizer import Tokenizer
+from engine.errors import EngineError, report
+from engine.tokenizer import Tokenizer, special_ids
 from recipes.datasets import build_sgtr, load_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="a Qwen2.5 tokenizer.json or model directory")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:
-        sgtr = write_jsonl(build_sgtr(load_pairs("hf_qwen_32b", "claude-21", "xsum")), Path(tmp) / "sgtr.jsonl")
-        result = {
-            "em_risky_financial": lengths(ROOT / "data" / "em" / "risky_financial_advice.jsonl", tokenizer),
-            "sgtr_xsum": lengths(sgtr, tokenizer),
-        }
+    try:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+        special_ids(tokenizer, "qwen2.5")
+        with tempfile.TemporaryDirectory() as tmp:
+            sgtr = write_jsonl(build_sgtr(load_pairs("hf_qwen_32b", "claude-21", "xsum")), Path(tmp) / "sgtr.jsonl")
+            result = {
+                "em_risky_financial": lengths(ROOT / "data" / "em" / "risky_financial_advice.jsonl", tokenizer),
+                "sgtr_xsum": lengths(sgtr, tokenizer),
+            }
+    except EngineError as e:
+        return report(e)
     Path(args.out).write_text(json.dumps(result, separators=(",", ":")) + "\n")
     for name, rows in result.items():
         mean = sum(n for n, _ in rows) / len(rows)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.tokenizers import SEED_OSS_FIXTURE_PATH, build_qwen25_tokenizer_json
+from engine.tokenizer_build import build_qwen25_tokenizer_json
+from tests.fixtures.tokenizers import SEED_OSS_FIXTURE_PATH
 
 
 @pytest.fixture(scope="session")

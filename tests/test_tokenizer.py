@@ -15,7 +15,7 @@ from engine.tokenizer import (
     SPECIAL_TOKENS,
     MissingTokenError,
     Tokenizer,
-    TokenizerLoadError,
+    TokenizerError,
     detect_family,
     special_ids,
 )
@@ -292,29 +292,29 @@ def test_from_file_errors_are_clear(tmp_path):
     empty = tmp_path / "ckpt"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(TokenizerError) as e:
         Tokenizer.from_file(empty)
     msg = str(e.value)
     assert str(empty) in msg and "No tokenizer.json" in msg and "config.json" in msg
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.from_file(tmp_path / "nope")
 
     garbage = tmp_path / "tokenizer.json"
     garbage.write_bytes(b"\x80\x00 not json")
-    with pytest.raises(TokenizerLoadError) as e:
+    with pytest.raises(TokenizerError) as e:
         Tokenizer.from_file(garbage)
     assert isinstance(e.value, ValueError)
     assert str(garbage) in str(e.value) and "is not a tokenizer.json" in str(e.value)
 
     cfg = tmp_path / "tokenizer_config.json"
     cfg.write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
-    with pytest.raises(TokenizerLoadError, match="no 'model' section.*eos_token"):
+    with pytest.raises(TokenizerError, match="no 'model' section.*eos_token"):
         Tokenizer.from_file(cfg)
 
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"model": {"type": "NoSuchModel"}}))
-    with pytest.raises(TokenizerLoadError, match="could not be loaded as a Hugging Face tokenizer.json"):
+    with pytest.raises(TokenizerError, match="could not be loaded as a Hugging Face tokenizer.json"):
         Tokenizer.from_file(broken)
 
 

@@ -17,7 +17,7 @@ def get_template(name: str):
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; available: {', '.join(TEMPLATES)}") from None
+        raise ChatFormatError(f"unknown chat template {name!r}; available: {', '.join(TEMPLATES)}") from None
 
 
 def render(

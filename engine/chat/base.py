@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from engine.errors import ChatFormatError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 POLICIES: tuple[str, ...] = ("default", "empty", "omit", "replace")
-
-
-class ChatFormatError(ValueError):
-    """A conversation the renderer cannot render exactly. The message says which message and why."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,11 @@ class SystemPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in POLICIES:
-            raise ValueError(f"unknown system-prompt policy {self.mode!r}; choose one of {', '.join(POLICIES)}")
+            raise ChatFormatError(f"unknown system-prompt policy {self.mode!r}; choose one of {', '.join(POLICIES)}")
         if self.mode == "replace" and self.text is None:
-            raise ValueError("system-prompt policy 'replace' needs the replacement text (--system-text)")
+            raise ChatFormatError("system-prompt policy 'replace' needs the replacement text (--system-text)")
         if self.mode != "replace" and self.text is not None:
-            raise ValueError(f"system text is only used by the 'replace' policy, not {self.mode!r}")
+            raise ChatFormatError(f"system text is only used by the 'replace' policy, not {self.mode!r}")
 
     def describe(self) -> str:
         return f"replace:{self.text!r}" if self.mode == "replace" else self.mode

@@ -13,7 +13,7 @@ newline after `<|im_end|>` are masked.
 
 from __future__ import annotations
 
-from engine.chat.base import Segment, SystemPolicy, apply_policy, validate_messages
+from engine.chat.base import ChatFormatError, Segment, SystemPolicy, apply_policy, validate_messages
 
 NAME = "qwen2.5"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -28,7 +28,7 @@ def render(
     thinking_budget: int | None = None,
 ) -> list[Segment]:
     if thinking_budget is not None:
-        raise ValueError("thinking_budget is a Seed-OSS template option; the Qwen2.5 template has none")
+        raise ChatFormatError("thinking_budget is a Seed-OSS template option; the Qwen2.5 template has none")
     validate_messages(messages, allow_reasoning=False, require_assistant=not add_generation_prompt)
     system, rest = apply_policy(messages, policy, DEFAULT_SYSTEM)
     segments: list[Segment] = []

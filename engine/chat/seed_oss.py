@@ -20,7 +20,7 @@ the end-of-turn token.
 
 from __future__ import annotations
 
-from engine.chat.base import Segment, SystemPolicy, apply_policy, validate_messages
+from engine.chat.base import ChatFormatError, Segment, SystemPolicy, apply_policy, validate_messages
 
 NAME = "seed-oss"
 DEFAULT_SYSTEM = None  # the template inserts no system turn of its own
@@ -69,7 +69,7 @@ def render(
 ) -> list[Segment]:
     """`thinking_budget`: None or -1 = unlimited (no instruction), 0 = answer without thinking."""
     if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
-        raise ValueError(f"thinking_budget must be an integer, got {thinking_budget!r}")
+        raise ChatFormatError(f"thinking_budget must be an integer, got {thinking_budget!r}")
     validate_messages(messages, allow_reasoning=True, require_assistant=not add_generation_prompt)
     system, rest = apply_policy(messages, policy, None)
     segments: list[Segment] = []

@@ -21,9 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json that is malformed or describes an architecture this engine does not support."""
+from engine.errors import ConfigError
 
 
 # HF architecture name -> HF model_type.

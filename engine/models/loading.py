@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.errors import CheckpointError
+
 from .config import ModelArgs
 from .decoder import CausalLM
 
@@ -33,10 +35,6 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 # How many names an error message lists before summarising the rest.
 _MAX_LISTED = 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded into the model its config.json describes."""
 
 
 def from_pretrained(
@@ -79,7 +77,11 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
         raise CheckpointError(f"checkpoint directory not found (or not a directory): {text}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=text, allow_patterns=["*.json", "*.safetensors"]))
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo, bad id: all reported alike
+        raise CheckpointError(f"{text}: not a local directory, and fetching it from the Hugging Face hub failed "
+                              f"({type(e).__name__}: {e}); give the path of a downloaded checkpoint") from None
 
 
 def _tensor_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from engine.errors import SaveError
+
 from .config import ModelArgs
 from .decoder import CausalLM
 from .loading import INDEX_FILE, SINGLE_FILE
@@ -49,10 +51,6 @@ _UNITS = {
 }
 
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class SaveError(ValueError):
-    """A model, config or output directory that cannot be written as an HF checkpoint."""
 
 
 def parse_size(size: int | str) -> int:
