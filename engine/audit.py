@@ -30,6 +30,7 @@ from pathlib import Path
 from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy
 from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
 from engine.errors import ConfigError, EngineError, RunDirError, report
+from engine.rundir import RunDir
 from engine.models.loading import resolve_checkpoint_dir
 from engine.tokenizer import Tokenizer, special_ids
 
@@ -152,30 +153,26 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
     re-rendering its source row with the run's own template, policy and tokenizer; either way
     the SHA-256 of the sample's jsonl line must equal the manifest's. Returns 1 on any mismatch.
     """
-    run_dir = Path(args.run)
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-        manifest = [json.loads(line) for line in (run_dir / "tokens.jsonl").read_text().splitlines()]
-    except FileNotFoundError as e:
-        raise RunDirError(f"{run_dir} is not a training run directory ({e.filename} is missing)") from None
+    run = RunDir(args.run)
+    cfg = run.read_config()
+    manifest = run.read_manifest()
     steps = [m for m in manifest if not args.step or m["step"] in args.step]
     if args.step and len(steps) != len(set(args.step)):
-        raise RunDirError(f"{run_dir}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
-    tokenizer = Tokenizer.from_file(args.tokenizer or cfg["tokenizer"] or resolve_checkpoint_dir(cfg["model"]))
-    special_ids(tokenizer, cfg["template"])
+        raise RunDirError(f"{run.path}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
+    tokenizer = Tokenizer.from_file(args.tokenizer or cfg.tokenizer or resolve_checkpoint_dir(cfg.model))
+    special_ids(tokenizer, cfg.template)
 
     # The run's data as it renders today, for samples whose stream was not recorded.
-    policy = SystemPolicy(cfg["system_prompt"], cfg["system_text"])
     rendered: dict[str, Sample] = {}
-    for path in cfg["data"]:
+    for path in cfg.data:
         if Path(path).is_file():
-            ds = load_samples(path, tokenizer, cfg["template"], policy, max_len=cfg["max_len"],
-                              overlong="truncate" if cfg["truncate"] else "drop", skip_invalid=cfg["skip_invalid"])
+            ds = load_samples(path, tokenizer, cfg.template, cfg.policy(), max_len=cfg.max_len,
+                              overlong="truncate" if cfg.truncate else "drop", skip_invalid=cfg.skip_invalid)
             rendered.update((sample.source, sample) for sample in ds.samples)
 
     counts = {"match": 0, "MISMATCH": 0, "not found": 0}
     for step in steps:
-        stream = run_dir / "tokens" / f"step_{step['step']:06d}.jsonl"
+        stream = run.stream_path(step["step"])
         lines = stream.read_text().splitlines() if stream.is_file() else None
         for i, entry in enumerate(step["samples"]):
             source = entry["source"]
@@ -198,7 +195,7 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
                 write_text_sample(out, tokenizer, sample, header=(
                     f"=== step {step['step']} (epoch {step['epoch']}) sample {i + 1}/{len(step['samples'])}: {source}  "
                     f"{len(sample.input_ids)} tokens, {sample.num_trained} trained, {origin}, sha256 {status}\n"))
-    summary = (f"--- run {run_dir}: {len(steps)} step(s), {sum(counts.values())} sample(s): {counts['match']} match "
+    summary = (f"--- run {run.path}: {len(steps)} step(s), {sum(counts.values())} sample(s): {counts['match']} match "
                f"the manifest's SHA-256, {counts['MISMATCH']} do not, {counts['not found']} not found\n")
     (err if args.format == "jsonl" else out).write(summary)
     return 0 if counts["match"] == sum(counts.values()) else 1

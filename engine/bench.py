@@ -44,11 +44,13 @@ from pathlib import Path
 import torch
 
 from engine import lora, memory, parallel
+from engine.assemble import Layout, build_model, torch_dtype
+from engine.config import DTYPE_NAMES, train_default
 from engine.data import Sample
 from engine.errors import ConfigError, EngineError, report
 from engine.models import CausalLM, ModelArgs
 from engine.models.presets import PRESETS
-from engine.train import DTYPES, PAPER_TARGETS, accumulate_gradients
+from engine.train import accumulate_gradients
 
 DEFAULT_LENGTHS = Path(__file__).resolve().parents[1] / "data" / "workload_lengths.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -69,30 +71,26 @@ def model_config(preset: str, layers: int, tiny: bool) -> dict:
     return config | {"attention_dropout": 0.0, "residual_dropout": 0.0}  # timing without dropout noise
 
 
-def lora_rank(tiny: bool) -> int:
-    return 4 if tiny else 32
+def paper_lora(tiny: bool) -> lora.LoraConfig:
+    """The paper's adapter (the trainer's defaults), of rank 4 for the tiny CPU check."""
+    return lora.LoraConfig(r=4 if tiny else train_default("lora_r"), alpha=train_default("lora_alpha"),
+                           use_rslora=train_default("use_rslora"), target_modules=tuple(train_default("lora_targets")))
 
 
-def build(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *, tiny: bool,
-          activation_checkpointing: bool, checkpointed_layers: int | None = None, fsdp: bool = False) -> CausalLM:
-    """Our model with the paper's adapters, random N(0, 0.02) weights (adapters' B too, so that no
-    product is trivially zero), optionally sharded with FSDP2 as the trainer shards it."""
-    with torch.device("meta"):
-        model = CausalLM(ModelArgs.from_hf_config(model_config(preset, layers, tiny)))
-    model.to(dtype=dtype)
-    lora.apply_lora(model, lora.LoraConfig(r=lora_rank(tiny), alpha=64.0, use_rslora=True,
-                                           target_modules=tuple(PAPER_TARGETS)))
-    if activation_checkpointing:
-        parallel.apply_activation_checkpointing(model, checkpointed_layers)
-    if fsdp:
-        parallel.apply_fsdp(model, param_dtype=dtype, reduce_dtype=torch.float32)
-    model.to_empty(device=device)
-    torch.manual_seed(0)
-    model.init_weights()  # HF's scheme: N(0, initializer_range) weights
+def build(opts, device: torch.device, checkpointed_layers: int | None, sharded: bool) -> CausalLM:
+    """Our model exactly as the trainer assembles it (`engine.assemble.build_model`: activation
+    checkpointing of the first `checkpointed_layers` layers, compile, FSDP2 or replicate) with
+    the paper's adapter, random N(0, 0.02) weights (adapters' B too, so that no product is
+    trivially zero)."""
+    args = ModelArgs.from_hf_config(model_config(opts.preset, opts.layers, opts.tiny))
+    layout = Layout(checkpointed_layers=checkpointed_layers, compile=opts.compile,
+                    data_parallel="fsdp" if sharded else "replicate")
+    model = build_model(args, dtype=torch_dtype(opts.dtype), device=device, weights=None, layout=layout,
+                        new_adapter=paper_lora(opts.tiny), seed=0)
     with torch.no_grad():
         for _, p in lora.named_trainable_lora_parameters(model):
             p.normal_(0.0, INIT_STD)
-    return model.train()
+    return model
 
 
 def build_hf(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *, tiny: bool, liger: bool):
@@ -121,8 +119,9 @@ def build_hf(preset: str, layers: int, dtype: torch.dtype, device: torch.device,
             p.fill_(1.0) if "norm" in name else p.normal_(0.0, INIT_STD)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    cfg = peft.LoraConfig(r=lora_rank(tiny), lora_alpha=64, lora_dropout=0.0, use_rslora=True,
-                          task_type="CAUSAL_LM", target_modules=list(PAPER_TARGETS))
+    ours = paper_lora(tiny)
+    cfg = peft.LoraConfig(r=ours.r, lora_alpha=ours.alpha, lora_dropout=ours.dropout, use_rslora=ours.use_rslora,
+                          task_type="CAUSAL_LM", target_modules=list(ours.target_modules))
     model = peft.get_peft_model(model, cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -279,49 +278,48 @@ def _measure(step, steps, device, log, *, flops: float, optimizer, warmup: int =
 
 def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.device, dist: parallel.Dist,
              log: Callable[[str], None]) -> list[dict]:
-    dtype = DTYPES[opts.dtype]
     sharded = dist.world_size > 1 and opts.data_parallel == "fsdp"
-    model = build(opts.preset, opts.layers, dtype, device, tiny=opts.tiny, activation_checkpointing=False,
-                  fsdp=sharded)
-    if opts.compile:  # as the trainer's compile = true: each decoder layer
-        for layer in model.model.layers:
-            layer.compile()
-    params = lora.trainable_lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-
-    def step(batch: list[Sample]) -> None:
-        accumulate_gradients(model, batch, dist, opts.micro_batch_tokens)
-        parallel.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    args = ModelArgs.from_hf_config(model_config(opts.preset, opts.layers, opts.tiny))
     available = opts.memory_gib or memory.device_gib(device)
-    common = dict(dtype=opts.dtype, lora_r=lora_rank(opts.tiny), micro_batch_tokens=opts.micro_batch_tokens,
+    common = dict(dtype=opts.dtype, lora_r=paper_lora(opts.tiny).r, micro_batch_tokens=opts.micro_batch_tokens,
                   world_size=dist.world_size if sharded else 1)
     rows = []
     for engine in [e for e in opts.engines if e.startswith("ours")]:
         if engine == "ours-ac":
             k = None
         else:  # ours-auto: as few recomputed layers as the estimate allows (all on CPU: nothing to plan)
-            k = memory.fewest_checkpointed_layers(model.args, available, **common) if available else None
-        parallel.apply_activation_checkpointing(model, k)  # exactly the first k (None: all)
-        n_ckpt = model.args.num_hidden_layers if k is None else k
-        est = memory.estimate(model.args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
+            k = memory.fewest_checkpointed_layers(args, available, **common) if available else None
+        n_ckpt = args.num_hidden_layers if k is None else k
+        est = memory.estimate(args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
+        model = build(opts, device, k, sharded)  # afresh per engine: each row times the trainer's assembly
+        params = lora.trainable_lora_parameters(model)
+        optimizer = torch.optim.AdamW(params, lr=train_default("lr"), weight_decay=train_default("weight_decay"))
+
+        def step(batch: list[Sample]) -> None:
+            accumulate_gradients(model, batch, dist, opts.micro_batch_tokens)
+            parallel.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
         label = engine + ("+compile" if opts.compile else "")
         warmup = warmup_steps(opts)
         for name, steps in workloads.items():
             rows.append(_measure(step, steps, device, log, engine=label, workload=name, recomputed_layers=n_ckpt,
-                                 estimate_gib=est, flops=median_flops(model.args, steps[warmup:]),
+                                 estimate_gib=est, flops=median_flops(args, steps[warmup:]),
                                  optimizer=optimizer, warmup=warmup))
-    del model, optimizer, params
+        del model, optimizer, params, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 def run_hf(opts, workloads: dict[str, list[list[Sample]]], device: torch.device, liger: bool,
            log: Callable[[str], None]) -> list[dict]:
-    dtype = DTYPES[opts.dtype]
+    dtype = torch_dtype(opts.dtype)
     model = build_hf(opts.preset, opts.layers, dtype, device, tiny=opts.tiny, liger=liger)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_default("lr"),
+                                  weight_decay=train_default("weight_decay"))
     args = ModelArgs.from_hf_config(model_config(opts.preset, opts.layers, opts.tiny))
     engine = "hfliger" if liger else "hf"
 
@@ -418,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048, help="sample length of the dense workload")
     p.add_argument("--micro-batch-tokens", type=int, default=4096, help="our packing budget per micro-batch")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row (after one warm-up step)")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     p.add_argument("--data-parallel", default="fsdp", choices=("fsdp", "replicate"),
                    help="under torchrun: shard our model with FSDP2 (default) or replicate it on every rank")
     p.add_argument("--memory-gib", type=float, default=None, help="memory ours-auto plans for (default: the GPU's)")
@@ -454,7 +452,7 @@ def run(opts: argparse.Namespace, argv: list[str] | None, dist: parallel.Dist) -
 
     rows: list[dict] = []
     skipped: dict[str, str] = {}
-    matmul = matmul_tflops(device, DTYPES[opts.dtype]) if dist.is_main else None
+    matmul = matmul_tflops(device, torch_dtype(opts.dtype)) if dist.is_main else None
 
     def save() -> None:  # after each engine, so that a run cut short keeps what it measured
         if dist.is_main and opts.json:

@@ -1,4 +1,4 @@
-"""Dataclass configs from a TOML file plus `--key=value` command-line overrides.
+"""Training settings (`TrainConfig`) and how they are read: a TOML file plus `--key=value` overrides.
 
     cfg = load_config(TrainConfig, "run.toml", ["--lr=2e-5", "--data=a.jsonl,b.jsonl"])
 
@@ -13,9 +13,11 @@ import dataclasses
 import tomllib
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine.chat import SystemPolicy
 from engine.errors import ConfigError
 
 T = TypeVar("T")
@@ -102,3 +104,107 @@ def config_diff(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[st
     """Human-readable differences between two config dicts."""
     keys = sorted((set(old) | set(new)) - set(ignore))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+# The linear projections of a decoder layer; the paper adapts all seven.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Compute dtypes by name (torch.<name>).
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+# Settings that may change between an interrupted run and its resumption.
+# (The number of ranks may change too: the data order, adapter and optimizer state do not depend on it.)
+# Settings that change neither the data order nor the arithmetic of a step (recomputation replays
+# the forward with the same RNG state).
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib",
+                     "activation_checkpointing", "checkpoint_layers", "data_parallel"}
+
+
+def opt(default, help: str, *, factory=None):
+    """A config field with its help text (shown by `python -m engine.train --help`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the defaults are the paper's (its Axolotl LoRA runs)."""
+
+    model: str = opt(dataclasses.MISSING, "base checkpoint directory or hub id (HF safetensors)")
+    data: list[str] = opt(dataclasses.MISSING, "JSONL chat file(s), concatenated in this order before shuffling")
+    template: str = opt(dataclasses.MISSING, "chat template: qwen2.5 | seed-oss")
+    out_dir: str = opt(dataclasses.MISSING, "run directory")
+    tokenizer: str | None = opt(None, "tokenizer.json or a directory holding one (default: the model directory)")
+    system_prompt: str = opt("default", "system-prompt policy: default | empty | omit | replace")
+    system_text: str | None = opt(None, "the system text for system_prompt = replace")
+    max_len: int = opt(2048, "longest sample in tokens (the paper's sequence_len)")
+    truncate: bool = opt(False, "truncate over-length samples instead of dropping them")
+    skip_invalid: bool = opt(False, "drop and count invalid rows instead of failing")
+    lora_r: int = opt(32, "LoRA rank (paper: 32)")
+    lora_alpha: float = opt(64.0, "LoRA alpha (paper: 64)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input (paper: 0)")
+    use_rslora: bool = opt(True, "rsLoRA scaling alpha/sqrt(r) (paper: true)")
+    lora_targets: list[str] = opt(None, "linear layers to adapt (paper: all seven projections)",
+                                  factory=lambda: list(PROJECTIONS))
+    stack_adapters: list[str] = opt(None, "earlier stages' PEFT adapters, frozen below the new one", factory=list)
+    lr: float = opt(1e-5, "AdamW learning rate (paper: 1e-5)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (paper: 0.01)")
+    warmup_steps: int = opt(5, "linear warm-up steps, then linear decay to 0 (paper: 5)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    epochs: int = opt(1, "passes over the data (paper: 1)")
+    batch_size: int = opt(16, "samples per optimizer step over all ranks (paper: 2 x 8 = 16)")
+    micro_batch_tokens: int = opt(4096, "packing budget: tokens per micro-batch row")
+    max_grad_norm: float = opt(1.0, "gradient clipping max-norm (0: no clipping)")
+    seed: int = opt(0, "seed of the data order and the LoRA init")
+    max_steps: int | None = opt(None, "stop after this many steps; the LR schedule still spans the full run")
+    dtype: str = opt("bfloat16", "compute dtype of the base weights: bfloat16 | float16 | float32")
+    activation_checkpointing: bool = opt(False, "recompute decoder layers in the backward pass (see checkpoint_layers)")
+    checkpoint_layers: str = opt("all", "with activation_checkpointing, which layers are recomputed: all, auto (as "
+                                        "few as the memory estimate allows on this device), or N (the first N)")
+    data_parallel: str = opt("fsdp", "how ranks share the model: fsdp (FSDP2: weights sharded, all-gathered for "
+                                      "every micro-batch) | replicate (every rank holds the whole frozen model and "
+                                      "only adapter gradients are summed, once per step; needs the model to fit one GPU)")
+    compile: bool = opt(False, "torch.compile each decoder layer")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    record_tokens: bool = opt(False, "write every step's full token stream under tokens/")
+    log_every: int = opt(1, "progress line every N steps")
+    resume: bool = opt(False, "continue the run in out_dir from its last complete checkpoint")
+    memory_gib: float | None = opt(None, "device memory to check the memory estimate against "
+                                         "(default: the CUDA device's; no check on CPU)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.micro_batch_tokens >= 1, "micro_batch_tokens must be >= 1"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.dtype in DTYPE_NAMES, f"dtype must be one of {', '.join(DTYPE_NAMES)}"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (bool(self.data), "data: give at least one JSONL file"),
+            (self.data_parallel in ("fsdp", "replicate"),
+             f"data_parallel must be fsdp or replicate, got {self.data_parallel!r}"),
+            (self.checkpoint_layers in ("all", "auto") or (self.checkpoint_layers.isdigit()),
+             f"checkpoint_layers must be all, auto or a number of layers, got {self.checkpoint_layers!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        SystemPolicy(self.system_prompt, self.system_text)  # validates the policy
+
+    def policy(self) -> SystemPolicy:
+        return SystemPolicy(self.system_prompt, self.system_text)
+
+    def lora_config(self):
+        from engine import lora
+
+        return lora.LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                               use_rslora=self.use_rslora, target_modules=tuple(self.lora_targets))
+
+
+def train_default(name: str) -> Any:
+    """A TrainConfig setting's default: the paper's value, for code that runs without a config."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

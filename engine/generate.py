@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.chat import ChatFormatError, SystemPolicy, get_template, render
-from engine.lora import load_peft_adapter
-from engine.models import CausalLM, from_pretrained
+from engine.assemble import Layout, build_model, read_model_args
+from engine.models import CausalLM
 from engine.models.kv_cache import KVCache
 from engine.models.loading import resolve_checkpoint_dir
 from engine.errors import TokenizerError
@@ -72,19 +72,21 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
 ) -> CausalLM:
-    """Load a checkpoint and stack PEFT LoRA adapters on it, in order (not merged), eval mode.
+    """Load a checkpoint and stack PEFT LoRA adapters on it, in order (not merged), eval mode,
+    through the trainer's assembly path (`engine.assemble.build_model`), replicated.
 
     Each adapter is a local PEFT directory (adapter_config.json + adapter_model.safetensors) or a
-    hub repo id; an adapter that does not fit the model raises ``engine.lora.LoraError``.
+    hub repo id; an adapter that does not fit the model raises ``engine.errors.LoraError``.
     """
     if isinstance(adapters, (str, Path)):
         raise TypeError(f"adapters must be a list of adapter directories, got the single value {str(adapters)!r}")
-    model = from_pretrained(model_dir_or_hub_id, dtype=dtype, device=device)
+    ckpt_dir, args = read_model_args(model_dir_or_hub_id)
+    local = []
     for adapter in adapters:
         path = Path(adapter).expanduser()
-        load_peft_adapter(model, path if path.exists() else resolve_checkpoint_dir(adapter), trainable=False)
-    model.requires_grad_(False)
-    return model.eval()
+        local.append(path if path.exists() else resolve_checkpoint_dir(adapter))
+    return build_model(args, dtype=dtype, device=device, weights=ckpt_dir, stack_adapters=local,
+                       layout=Layout(data_parallel="replicate"))
 
 
 class Generator:

@@ -26,14 +26,17 @@ import sys
 
 import torch
 
+from engine.config import DTYPE_NAMES, PROJECTIONS
 from engine.errors import WontFit
 from engine.models import ModelArgs
 from kernels.cross_entropy import CHUNK_BYTES
 
 GIB = 1024**3
 USABLE = 0.92  # of the device's memory: the CUDA context and the allocator's fragmentation take the rest
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _bytes(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
 
 
 def _shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -47,7 +50,7 @@ def layer_activation_bytes(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: 
                            lora_targets=PROJECTIONS) -> tuple[float, float]:
     """(bytes per token, bytes per layer regardless of tokens) that one decoder layer run without
     recomputation saves for backward; the per-layer part is the adapters cast to the compute dtype."""
-    b = DTYPE_BYTES[dtype]
+    b = _bytes(dtype)
     shapes = _shapes(args)
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
@@ -62,7 +65,7 @@ def estimate(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32, lora
              checkpointed_layers: int | None = None, n_stacked: int = 0, world_size: int = 1) -> dict[str, float]:
     """GiB per GPU by component, plus "total". With ``activation_checkpointing``,
     ``checkpointed_layers`` layers are recomputed (None: all of them)."""
-    bytes_w = DTYPE_BYTES[dtype]
+    bytes_w = _bytes(dtype)
     h, L, V = args.hidden_size, args.num_hidden_layers, args.vocab_size
     shapes = _shapes(args)
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gib", type=float, default=None, help="memory of one GPU (default: this machine's GPU)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     args = p.parse_args(argv)
     model_args = ModelArgs.from_hf_config(PRESETS[args.preset])
     gib = args.gpu_gib or device_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

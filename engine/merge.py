@@ -16,14 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
+from engine.assemble import torch_dtype
+from engine.config import DTYPE_NAMES
 from engine.errors import EngineError, report
 from engine.lora import load_peft_adapter, merge_lora_
 from engine.models import from_pretrained, save_pretrained
 from engine.models.loading import resolve_checkpoint_dir
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")
 
@@ -31,7 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def merge(base: str, adapters: list[str], out: str, *, dtype: str = "bfloat16", max_shard_size: str = "5GB",
           overwrite: bool = False) -> Path:
     base_dir = resolve_checkpoint_dir(base)
-    model = from_pretrained(base_dir, dtype=DTYPES[dtype])
+    model = from_pretrained(base_dir, dtype=torch_dtype(dtype))
     for path in adapters:
         config = load_peft_adapter(model, path)
         print(f"stacked {path}: r {config.r}, alpha {config.alpha}, rsLoRA {config.use_rslora}", file=sys.stderr)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="base checkpoint directory or hub id")
     p.add_argument("--adapter", required=True, action="append", help="PEFT adapter directory; repeat to merge a stack in order")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the written weights (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="dtype of the written weights (default bfloat16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Data parallelism for training: process group, activation checkpointing, FSDP2, sharded loading.
+"""Data parallelism for training: process group, activation checkpointing, FSDP2, sharded tensors.
 
 Parallelism is applied to a built model from outside, in torchtitan's order; the model file has
 no distributed code::
@@ -12,9 +12,12 @@ no distributed code::
     # (2. torch.compile would go here)
     apply_fsdp(model, param_dtype=torch.bfloat16)    # 3. fully_shard layers, then the root
     model.to_empty(device=dist.device)
-    load_sharded_pretrained(model, ckpt_dir, expect_missing=lora.is_lora_parameter_name)
+    load_safetensors(model, ckpt_dir, expect_missing=lora.is_lora_parameter_name)  # each rank its rows
     for name, value in lora.lora_init_values(model, seed).items():
         copy_full_(model.get_parameter(name), value)  # identical init on any world size
+
+``engine.assemble.build_model`` is that sequence, the one the trainer, the benchmark and the
+evals use.
 
 Gradient semantics: after ``backward`` every sharded gradient holds the plain **sum** over ranks
 of the per-rank gradients (FSDP2's default is the mean). The trainer divides the loss by the
@@ -41,10 +44,9 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,7 +71,6 @@ __all__ = [
     "is_activation_checkpointed",
     "is_distributed",
     "is_sharded",
-    "load_sharded_pretrained",
     "local_region",
     "set_full_optimizer_state",
     "set_gradient_sync",
@@ -250,7 +251,7 @@ def apply_fsdp(
     parameter's dtype. FSDP2 requires all *trainable* parameters of one group to share a dtype.
 
     Gradients are **summed** over ranks, not averaged (see the module docstring). Call on a
-    model built on the meta device (then ``to_empty`` and :func:`load_sharded_pretrained`) or
+    model built on the meta device (then ``to_empty`` and `engine.models.loading.load_safetensors`) or
     on a materialised one. Without a process group this is a no-op: the model keeps its own
     dtypes and nothing is cast.
     """
@@ -402,59 +403,6 @@ def full_state_dict(
         full = gather_full(tensor)
         out[name] = full.cpu() if to_cpu else full
     return out
-
-
-# --- loading --------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def load_sharded_pretrained(
-    model: nn.Module,
-    ckpt_dir: str | Path,
-    *,
-    expect_missing: Callable[[str], bool] | Collection[str] | None = None,
-) -> nn.Module:
-    """Fill ``model`` from an HF safetensors checkpoint, each rank reading only its own rows.
-
-    ``model`` was built on the meta device, optionally LoRA-wrapped, activation-checkpointed and
-    :func:`apply_fsdp`-ed, then given storage with ``model.to_empty(device=...)``. For every
-    checkpoint tensor, only this rank's rows (its dim-0 chunk) are read from the file
-    (``get_slice(name)[start:end]``), converted to the parameter's dtype and copied into the
-    local shard; a rank whose chunk is empty reads nothing. Plain (unsharded) parameters are
-    read whole, so this is also the single-process loader.
-
-    Validation is :func:`engine.models.loading.iter_checkpoint`'s: missing, unexpected,
-    mis-shaped (against the global shape) and non-float tensors raise one ``CheckpointError``
-    before any data is read. ``expect_missing`` (names or a predicate) lists parameters that are
-    not in the checkpoint, such as LoRA adapters; initialise those yourself (:func:`copy_full_`).
-    Tied embeddings are re-tied if ``to_empty`` separated them (FSDP2's DTensor parameters stay
-    tied: ``to_empty`` swaps them in place); non-persistent buffers (rotary ``inv_freq``) are
-    recomputed with ``model.init_buffers()``. Returns ``model``.
-    """
-    from engine.models.loading import CheckpointError, iter_checkpoint
-
-    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
-    on_meta += [name for name, b in model.named_buffers() if b.is_meta]
-    if on_meta:
-        raise CheckpointError(
-            f"model still has {len(on_meta)} tensor(s) on the meta device (e.g. {on_meta[0]}); "
-            "call model.to_empty(device=...) before loading"
-        )
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    for name, param, tensor_slice in iter_checkpoint(model, ckpt_dir, expect_missing=expect_missing):
-        region = local_region(param)
-        if region is None:
-            param.copy_(tensor_slice[:])
-            continue
-        local = param.to_local()
-        if local.numel() == 0:
-            continue
-        # safetensors slices read only the requested rows of a row-major tensor.
-        local.copy_(tensor_slice[region] if region else tensor_slice[:])  # region () for a 0-d tensor
-    if hasattr(model, "init_buffers"):
-        model.init_buffers()
-    return model
 
 
 # --- gradients ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from engine.checkpoint import sha256_file
 from engine.errors import EngineError, report
+from engine.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -314,10 +315,6 @@ def stage_dir(s: RunSettings, i: int) -> Path:
     return s.run_dir / f"stage{i}_{s.stages[i - 1].kind}"
 
 
-def stage_complete(d: Path) -> bool:
-    return (d / "stage_complete.json").is_file() and (d / "adapter" / "adapter_model.safetensors").is_file()
-
-
 def resolve_model(s: RunSettings, dist) -> str:
     if not s.is_tiny:
         return s.model
@@ -398,7 +395,8 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
 
     from engine import parallel
     from engine.merge import merge
-    from engine.train import TrainConfig, Trainer
+    from engine.config import TrainConfig
+    from engine.train import Trainer
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True) if dist.is_main else None)
     run_dir = s.run_dir
@@ -430,13 +428,14 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
                     merge(model, adapters, str(merged), dtype=s.train.get("dtype", "bfloat16"), overwrite=True)
                 parallel.barrier()
             model, adapters = str(merged.resolve()), []
-        if stage_complete(d):
+        run = RunDir(d)
+        if run.stage_complete():
             log(f"stage {i} ({stage.kind}) complete: skipped ({d})")
         else:
             settings = {**s.train, "model": model, "data": [str(datasets[i - 1])], "template": s.template,
                         "out_dir": str(d), "system_prompt": stage.system_prompt, "system_text": stage.system_text,
                         "stack_adapters": list(adapters), "seed": s.seed, "memory_gib": s.memory_gib,
-                        "resume": (d / "config.json").is_file()}
+                        "resume": run.exists()}
             cfg = TrainConfig(**settings)
             log(f"stage {i}/{len(s.stages)}: {stage_words(stage, s)}" + (" (resuming)" if cfg.resume else ""))
             trainer = Trainer(cfg, dist)
@@ -446,11 +445,11 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if dist.is_main:
-                _write_json(d / "stage_complete.json", {
-                    "stage": i, "kind": stage.kind, "adapter_sha256": sha256_file(d / "adapter" / "adapter_model.safetensors"),
+                run.mark_stage_complete({
+                    "stage": i, "kind": stage.kind, "adapter_sha256": sha256_file(run.adapter_dir / "adapter_model.safetensors"),
                     "dataset_sha256": sha256_file(datasets[i - 1]), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
             parallel.barrier()
-        adapters = adapters + [str((d / "adapter").resolve())]
+        adapters = adapters + [str(run.adapter_dir.resolve())]
         if i in points:  # every rank evaluates a share of the prompts (evals shard under torchrun)
             run_evals(s, i, model, adapters, log)
             parallel.barrier()
@@ -516,8 +515,7 @@ def _per_kind(items: list[str], what: str) -> tuple[str | None, dict[str, str]]:
 
 
 def settings_from_args(recipe: str, stages: list[Stage], args: argparse.Namespace) -> list[RunSettings]:
-    from engine.config import _parse, _field_types
-    from engine.train import TrainConfig
+    from engine.config import TrainConfig, _field_types, _parse
 
     model = args.model
     if model in PRESETS or model.endswith(".toml"):

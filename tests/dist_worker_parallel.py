@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.loading import load_safetensors
 from engine import parallel as par
 from engine.models import CausalLM, ModelArgs
 
@@ -147,7 +148,7 @@ def build_with_engine_lora(ckpt: str | Path) -> CausalLM:
     par.apply_activation_checkpointing(model)
     par.apply_fsdp(model, param_dtype=torch.float32)
     model.to_empty(device="cpu")
-    par.load_sharded_pretrained(model, ckpt, expect_missing=lora.is_lora_parameter_name)
+    load_safetensors(model, ckpt, expect_missing=lora.is_lora_parameter_name)
     for name, value in engine_lora_values(model).items():
         par.copy_full_(model.get_parameter(name), value)
     return model
@@ -180,7 +181,7 @@ def build_sharded(
     model.to_empty(device=device)
     if not load:
         return model
-    par.load_sharded_pretrained(model, ckpt, expect_missing=is_lora if lora else None)
+    load_safetensors(model, ckpt, expect_missing=is_lora if lora else None)
     if lora:
         init_lora_(model)
     return model
@@ -306,13 +307,13 @@ def run_worker(ckpt: str, tied_ckpt: str, out_dir: str) -> None:
     # Validation under FSDP: global shapes are checked; adapters must be declared missing.
     m = build_sharded(ckpt, base_dtype=torch.float32, param_dtype=None, load=False)
     try:
-        par.load_sharded_pretrained(m, ckpt)  # adapters not declared missing
+        load_safetensors(m, ckpt)  # adapters not declared missing
         res["missing_error"] = None
     except Exception as err:  # noqa: BLE001 - the message is what the test checks
         res["missing_error"] = f"{type(err).__name__}: {err}"
     m2 = build_sharded(ckpt, base_dtype=torch.float32, param_dtype=None, lora=False, load=False)
     try:
-        par.load_sharded_pretrained(m2, tied_ckpt)  # no lm_head.weight stored there
+        load_safetensors(m2, tied_ckpt)  # no lm_head.weight stored there
         res["tied_into_untied_error"] = None
     except Exception as err:  # noqa: BLE001
         res["tied_into_untied_error"] = f"{type(err).__name__}: {err}"

@@ -16,7 +16,7 @@ import engine.bench as bench
 import engine.lora as lora
 import engine.models as em
 from engine import parallel
-from engine.memory import DTYPE_BYTES, estimate, layer_activation_bytes
+from engine.memory import estimate, layer_activation_bytes
 from engine.models.presets import PRESETS
 from engine.models.lean import recompute_saved, rms_norm, swiglu
 from kernels.backend import force
@@ -216,7 +216,7 @@ def test_memory_estimate_counts_what_a_step_saves(checkpointing):
     args = em.ModelArgs.from_hf_config(PRESETS["qwen2.5-32b"] | bench.TINY)
     r = 4  # bench.build's tiny adapters
     if checkpointing:
-        expected = tokens * DTYPE_BYTES["float16"] * args.hidden_size  # the layer's input only
+        expected = tokens * torch.float16.itemsize * args.hidden_size  # the layer's input only
     else:
         per_token, casts = layer_activation_bytes(args, dtype="float16", lora_r=r)
         expected = tokens * per_token + casts

@@ -361,13 +361,13 @@ def test_loading_errors_single_process(ckpts, monkeypatch):
     with torch.device("meta"):
         model = add_lora(CausalLM(args))
     with pytest.raises(CheckpointError, match="to_empty"):
-        par.load_sharded_pretrained(model, ckpts[0], expect_missing=is_lora)
+        load_safetensors(model, ckpts[0], expect_missing=is_lora)
     model.to_empty(device="cpu")
     with pytest.raises(CheckpointError, match="lacks 16 tensor"):
-        par.load_sharded_pretrained(model, ckpts[0])
+        load_safetensors(model, ckpts[0])
     # A set of names works as well as a predicate; loading.py's own loader takes the same argument.
     lora_names = {n for n, _ in model.named_parameters() if is_lora(n)}
-    par.load_sharded_pretrained(model, ckpts[0], expect_missing=lora_names)
+    load_safetensors(model, ckpts[0], expect_missing=lora_names)
     load_safetensors(model, ckpts[0], expect_missing=lora_names)
     with pytest.raises(CheckpointError, match=r"(?s)lacks 1 tensor.*down_proj.lora_A"):
         load_safetensors(model, ckpts[0], expect_missing=set(sorted(lora_names)[1:]))
@@ -393,7 +393,7 @@ def test_activation_checkpointing_same_loss_and_grads(ckpts):
     results = []
     for checkpointing in (False, True):
         model = CausalLM(args)
-        par.load_sharded_pretrained(add_lora(model), ckpts[0], expect_missing=is_lora)
+        load_safetensors(add_lora(model), ckpts[0], expect_missing=is_lora)
         init_lora_(model)
         names_before = list(model.state_dict())
         if checkpointing:
@@ -419,7 +419,7 @@ def test_activation_checkpointing_same_loss_and_grads(ckpts):
 
     # Dropout is live, so equality above depends on replaying the RNG state.
     model = CausalLM(args)
-    par.load_sharded_pretrained(add_lora(model), ckpts[0], expect_missing=is_lora)
+    load_safetensors(add_lora(model), ckpts[0], expect_missing=is_lora)
     init_lora_(model)
     model.train()
     torch.manual_seed(12)

@@ -15,8 +15,11 @@ from safetensors.torch import load_file
 from engine import lora, parallel
 from engine.data import load_samples
 from engine.tokenizer import Tokenizer
-from engine.config import ConfigError
-from engine.train import TrainConfig, accumulate_gradients, build_model, lr_lambda, main, rank_micro_batches, sample_hash, step_plan
+from engine.assemble import build_model, read_model_args
+from engine.config import TrainConfig
+from engine.errors import ConfigError
+from engine.rundir import sample_hash
+from engine.train import accumulate_gradients, lr_lambda, main, rank_micro_batches, step_plan
 from tests.tiny import em_subset, tiny_seed_oss_checkpoint, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +76,8 @@ def step_gradient(model, samples, budget: int, world: int) -> dict[str, torch.Te
 def test_step_gradient_does_not_depend_on_the_split(setup):
     root, ckpt, data = setup
     cfg = TrainConfig(**settings(setup, "unused"))
-    model = build_model(cfg, parallel.init_distributed())
+    ckpt_dir, args = read_model_args(cfg.model)
+    model = build_model(args, dtype=torch.float32, device="cpu", weights=ckpt_dir, new_adapter=cfg.lora_config(), seed=cfg.seed)
     with torch.no_grad():  # B is zero at init, which would leave A's gradient zero: make both matter
         for name, p in lora.named_trainable_lora_parameters(model):
             p.normal_(0, 0.1)
@@ -150,13 +154,19 @@ def test_resume_with_changed_config_is_refused(setup, full_run, capsys):
     config = write_toml(setup[0] / "changed.toml", settings(setup, "full", lr=5e-3, seed=4, resume=True))
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume: the config differs" in err and "lr: 0.01 -> 0.005" in err and "seed: 3 -> 4" in err
+    assert "cannot resume" in err and "the config differs" in err and "lr: 0.01 -> 0.005" in err and "seed: 3 -> 4" in err
 
 
-def test_existing_run_dir_needs_resume(setup, full_run, capsys):
+def test_existing_run_dir_needs_resume_and_is_checked_before_loading(setup, full_run, capsys):
     config = write_toml(setup[0] / "again.toml", settings(setup, "full"))
     assert main(["--config", str(config)]) == 2
     assert "already holds a run; pass --resume=true" in capsys.readouterr().err
+    # Checked before the data and the model are read: neither needs to exist for the refusal.
+    missing = setup[0] / "no_such_model"
+    config = write_toml(setup[0] / "again2.toml", settings(setup, "full", model=str(missing), data=[str(missing / "x.jsonl")]))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err
 
 
 def test_non_finite_loss_stops_the_run(setup, tmp_path, capsys):

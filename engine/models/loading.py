@@ -60,8 +60,6 @@ def from_pretrained(
         model = CausalLM(args)
     model.to(dtype=dtype)  # still on meta: only the recorded dtype changes
     model.to_empty(device=device)
-    model.tie_weights()
-    model.init_buffers()
     load_safetensors(model, ckpt_dir)
     return model.eval()
 
@@ -115,22 +113,51 @@ def _listing(items: list[str]) -> str:
     return "\n  " + shown + (f"\n  ... and {more} more" if more > 0 else "")
 
 
+@torch.no_grad()
 def load_safetensors(
-    model: CausalLM,
+    model: nn.Module,
     ckpt_dir: str | Path,
     *,
     expect_missing: Callable[[str], bool] | Collection[str] | None = None,
-) -> None:
-    """Copy every parameter of ``model`` from the checkpoint's safetensors files, by HF name.
+) -> nn.Module:
+    """Fill every parameter of a materialised ``model`` from the checkpoint's safetensors files, by
+    HF name; returns ``model``.
 
-    Raises :class:`CheckpointError` naming each tensor (and its file) that is missing,
-    unexpected, mis-shaped or not floating point. ``expect_missing`` names parameters the
-    checkpoint may lack (e.g. LoRA adapters): a set of names or a predicate; see
-    :func:`iter_checkpoint`.
+    Validation first (:func:`iter_checkpoint`: every name, shape and dtype from the file headers):
+    one :class:`CheckpointError` names each tensor (and its file) that is missing, unexpected,
+    mis-shaped or not floating point, before any data is read. ``expect_missing`` (names or a
+    predicate) lists parameters the checkpoint may lack, such as LoRA adapters.
+
+    A parameter sharded by FSDP2 (a DTensor, sharded on dim 0) receives only this rank's rows,
+    and only those rows are read from the file (``get_slice(name)[start:end]``); a rank whose
+    chunk is empty reads nothing. A plain parameter is read whole. Values are converted to the
+    parameter's dtype and device. Tied embeddings are re-tied if ``to_empty`` separated them, and
+    the non-persistent buffers (rotary ``inv_freq``) are recomputed.
     """
-    with torch.no_grad():
-        for name, param, tensor_slice in iter_checkpoint(model, ckpt_dir, expect_missing=expect_missing):
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    on_meta += [name for name, b in model.named_buffers() if b.is_meta]
+    if on_meta:
+        raise CheckpointError(
+            f"model still has {len(on_meta)} tensor(s) on the meta device (e.g. {on_meta[0]}); "
+            "call model.to_empty(device=...) before loading"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    from engine.parallel import local_region  # the shard layout is FSDP2's (torch.chunk on dim 0)
+
+    for name, param, tensor_slice in iter_checkpoint(model, ckpt_dir, expect_missing=expect_missing):
+        region = local_region(param)
+        if region is None:
             param.copy_(tensor_slice[:])  # copy_ converts dtype and device
+            continue
+        local = param.to_local()
+        if local.numel() == 0:
+            continue
+        # safetensors slices read only the requested rows of a row-major tensor.
+        local.copy_(tensor_slice[region] if region else tensor_slice[:])  # region () for a 0-d tensor
+    if hasattr(model, "init_buffers"):
+        model.init_buffers()
+    return model
 
 
 def iter_checkpoint(
