@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.checkpoint import sha256_file
-from engine.errors import EngineError, report
+from engine import errors
 from engine.rundir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ OTHER_WORDS = {"claude-21": "Claude 2.1", "human": "human-written summaries", "h
 KINDS = ("em", "sgtr", "ictr", "longer")
 
 
-class RecipeError(EngineError, RuntimeError):
+class RecipeError(errors.EngineError, RuntimeError):
     """A problem with a recipe's settings or run directory; the message is for the user."""
 
 
@@ -600,8 +600,8 @@ def main(recipe: str, stages: list[Stage], argv: list[str] | None = None, descri
             for d in run_dirs:
                 print(f"run directory: {d}")
             print(f"wall time {time.time() - started:.0f} s")
-    except EngineError as e:
-        return report(e, dist.rank if dist.world_size > 1 else None)
+    except errors.EngineError as e:
+        return errors.report(e, dist.rank if dist.world_size > 1 else None)
     finally:
         parallel.destroy_distributed()
     return 0
