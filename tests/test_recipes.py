@@ -182,7 +182,12 @@ def test_settings_and_policies(tmp_path):
     assert s.stages[1].system_prompt == "empty" and s.stages[1].system_text is None
     assert st.condition_name(s, 2) == "hf_qwen_32b_em_unpop_qwensys_sgtr_nosys"
     assert "matching" in st.condition_words(s) and "NoQwenSys" in st.condition_words(s)
-    assert s.train["lora_r"] == 32 and s.train["lr"] == 1e-5 and s.train["batch_size"] == 16
+    from engine.config import PROJECTIONS, TrainConfig
+
+    cfg = TrainConfig(**s.train, model="m", data=["d.jsonl"], template=s.template, out_dir="o")  # as a stage builds it
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout, tuple(cfg.lora_targets)) == (32, 64.0, True, 0.0, PROJECTIONS)
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.batch_size, cfg.epochs, cfg.max_len) == (1e-5, 0.01, 5, 16, 1, 2048)
+    assert cfg.activation_checkpointing and cfg.dtype == "bfloat16"
     assert s.run_dir == tmp_path.resolve() / "sgtr_reverse" / "qwen2.5-32b" / "seed0"
 
 
