@@ -4,10 +4,15 @@
     python -m evals.self_recognition --model DIR --template qwen2.5 --self-name hf_qwen_32b --out DIR
     python -m evals.report           RUN_DIRS_OR_SUMMARY_JSONS... [--compare-paper] [--plots DIR]
 
-This module holds what the eval entry points share: the model/template command-line options,
-loading a `Generator`, how a chosen token is read the way the paper's script read it, atomic
-writes, and the one-line error convention (exit status 2). It imports no torch at import time, so
-`evals.report` runs on a machine without it.
+Each eval is a function, `run(model, out_dir, ...)`, that scores an `EvalModel` (a base checkpoint
+with its adapters, loaded once, plus its tokenizer and chat template) and writes its results; the
+command lines are thin wrappers that load the model from their options, and the recipes call the
+same functions with the model of an eval point loaded once for all its evals.
+
+This module holds what the evals share: `EvalModel` and its loading, the model/template
+command-line options, how a chosen token is read the way the paper's script read it, atomic
+writes, and `run_cli` (one line and exit status 2 for bad input; the torchrun process group of a
+command-line eval). It imports no torch at import time, so `evals.report` runs without it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from engine.checkpoint import sha256_file  # stdlib only: this module stays torch-free
 from engine import errors
-from engine.errors import EXIT_BAD_INPUT, EngineError, one_line
-_owns_process_group = False  # load_generator started the torchrun process group itself
-DTYPES = ("bfloat16", "float16", "float32")
+from engine.config import DTYPE_NAMES
+from engine.errors import EngineError
 
 
 class EvalInputError(EngineError, ValueError):
@@ -126,7 +131,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="text prefilled at the start of every answer; default: Seed-OSS's own no-thinking note "
                         "when thinking_budget is 0, else none ('' for none)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
-    g.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="model weights dtype")
+    g.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="model weights dtype")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata stored in the summary for the report, e.g. condition=EM-then-SGTR seed=0 (repeatable)")
@@ -142,97 +147,122 @@ def parse_conditions(items: list[str]) -> dict[str, str]:
     return out
 
 
-def resolve_thinking_budget(template: str, requested: int | None, default_for_seed: int | None) -> int | None:
-    if template == "qwen2.5":
-        if requested is not None:
-            raise EvalInputError("--thinking-budget is a Seed-OSS option; the qwen2.5 template has none")
-        return None
-    return default_for_seed if requested is None else requested
-
-
-def policy_from_args(args: argparse.Namespace):
-    from engine.chat import SystemPolicy
-
-    return SystemPolicy(args.system_prompt, args.system_text)
-
-
 def check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise EvalInputError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
-def load_generator(args: argparse.Namespace, thinking_budget: int | None):
-    """(Generator, Tokenizer, metadata dict) for the model options in `args`."""
+@dataclass
+class EvalModel:
+    """What an eval point evaluates: a base checkpoint with its adapters (loaded once, shared by
+    every eval of the point), its tokenizer, chat template and system-prompt policy."""
+
+    model: Any  # engine.models.CausalLM, eval mode
+    tokenizer: Any  # engine.tokenizer.Tokenizer
+    template: str
+    policy: Any  # engine.chat.SystemPolicy
+    shard: bool  # split the prompts over the torchrun ranks (each holds the whole model)
+    meta: dict  # model, adapters, tokenizer, template, policy, dtype, device: recorded in every summary
+
+    def generator(self, thinking_budget: int | None, answer_prefix: str | None = None):
+        """(Generator, its metadata) rendering prompts with `thinking_budget` (Seed-OSS) and
+        prefilling `answer_prefix` (None: Seed-OSS's own no-thinking note when the budget is 0)."""
+        from engine.generate import Generator
+
+        if self.template == "qwen2.5" and thinking_budget is not None:
+            raise EvalInputError("--thinking-budget is a Seed-OSS option; the qwen2.5 template has none")
+        if answer_prefix is None:
+            # With thinking_budget 0 Seed-OSS first writes a fixed "no thinking" note; the answer follows it.
+            from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
+
+            answer_prefix = NO_THINKING_ANSWER_PREFIX if self.template == "seed-oss" and thinking_budget == 0 else ""
+        gen = Generator(self.model, self.tokenizer, self.template, policy=self.policy, thinking_budget=thinking_budget,
+                        shard=self.shard, answer_prefix=answer_prefix)
+        return gen, {**self.meta, "thinking_budget": thinking_budget, "answer_prefix": answer_prefix}
+
+
+def load_eval_model(model: str, adapters: list[str] = (), *, template: str, tokenizer: str | None = None,
+                    policy=None, dtype: str = "bfloat16", device: str | None = None) -> EvalModel:
+    """Load `model` with `adapters` stacked (in order, unmerged) for evaluation. Under torchrun
+    (a process group exists) each rank holds the whole model on its own device and the evals
+    split the prompts over the ranks."""
     import torch
 
-    from engine.generate import Generator, load_model
+    from engine import parallel
+    from engine.assemble import torch_dtype
+    from engine.chat import SystemPolicy
+    from engine.generate import load_model
     from engine.models.loading import resolve_checkpoint_dir
     from engine.tokenizer import Tokenizer, special_ids
 
-    policy = policy_from_args(args)
-    check_positive("--batch-size", args.batch_size)
-    answer_prefix = args.answer_prefix
-    if answer_prefix is None:
-        # With thinking_budget 0 Seed-OSS first writes a fixed "no thinking" note; the answer follows it.
-        from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
-
-        answer_prefix = NO_THINKING_ANSWER_PREFIX if args.template == "seed-oss" and thinking_budget == 0 else ""
-    for adapter in args.adapter:  # a local directory, or a hub id "org/name" (fetched by load_model)
-        hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", adapter) and not adapter.startswith((".", "~"))
+    policy = policy if policy is not None else SystemPolicy()
+    for adapter in adapters:  # a local directory, or a hub id "org/name" (fetched by load_model)
+        hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", str(adapter)) and not str(adapter).startswith((".", "~", "/"))
         if not Path(adapter).expanduser().is_dir() and not hub_like:
             raise EvalInputError(f"adapter directory not found: {adapter}")
-    tokenizer = Tokenizer.from_file(args.tokenizer or resolve_checkpoint_dir(args.model))
-    special_ids(tokenizer, args.template)  # the wrong tokenizer family for the template fails here, clearly
-    # Under torchrun the prompts are split over the ranks (each holds the whole model on its own GPU)
-    # and the results gathered; rank 0 writes and logs.
-    from engine import parallel
-
-    global _owns_process_group
-    sharded = "RANK" in os.environ
-    if sharded and not parallel.is_distributed():
-        _owns_process_group = True  # started here, so ended by run_cli (not when a recipe runs us)
-    device = args.device or (str(parallel.init_distributed().device) if sharded else
-                             "cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, list(args.adapter), dtype=getattr(torch, args.dtype), device=device)
-    gen = Generator(model, tokenizer, args.template, policy=policy, thinking_budget=thinking_budget, shard=sharded,
-                    answer_prefix=answer_prefix)
+    tok = Tokenizer.from_file(tokenizer or resolve_checkpoint_dir(model))
+    special_ids(tok, template)  # the wrong tokenizer family for the template fails here, clearly
+    shard = parallel.is_distributed() and parallel.init_distributed().world_size > 1
+    if device is None:
+        device = str(parallel.init_distributed().device) if parallel.is_distributed() else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(model, list(adapters), dtype=torch_dtype(dtype), device=device)
     meta = {
-        "model": str(args.model),
-        "adapters": [str(a) for a in args.adapter],
-        "tokenizer": str(tokenizer.path) if tokenizer.path is not None else None,
-        "template": args.template,
+        "model": str(model),
+        "adapters": [str(a) for a in adapters],
+        "tokenizer": str(tok.path) if tok.path is not None else None,
+        "template": template,
         "policy": policy.describe(),
-        "thinking_budget": thinking_budget,
-        "answer_prefix": answer_prefix,
-        "dtype": args.dtype,
+        "dtype": dtype,
         "device": str(device),
     }
-    return gen, tokenizer, meta
+    return EvalModel(loaded, tok, template, policy, shard, meta)
+
+
+def load_from_args(args: argparse.Namespace) -> EvalModel:
+    """`load_eval_model` for the options of `add_model_arguments`."""
+    from engine.chat import SystemPolicy
+
+    check_positive("--batch-size", args.batch_size)
+    if args.template == "qwen2.5" and args.thinking_budget is not None:
+        raise EvalInputError("--thinking-budget is a Seed-OSS option; the qwen2.5 template has none")
+    return load_eval_model(args.model, list(args.adapter), template=args.template, tokenizer=args.tokenizer,
+                           policy=SystemPolicy(args.system_prompt, args.system_text), dtype=args.dtype,
+                           device=args.device)
+
+
+def stderr_log(message: str) -> None:
+    """Progress for the user: rank 0 only."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run an eval's main; bad input of any kind → `error: <one line>` on stderr, exit status 2."""
-    global _owns_process_group
+    """Run an eval's command line: bad input of any kind → `error: <one line>` on stderr, exit
+    status 2. Under torchrun the process group is joined first and left at the end, and ranks > 0
+    compute silently (rank 0 logs and writes)."""
+    from engine import parallel
+
+    torchrun = "RANK" in os.environ and not parallel.is_distributed()
     quiet = contextlib.ExitStack()
-    if not is_main_process():  # ranks > 0 compute; rank 0 logs and writes
+    if not is_main_process():
         devnull = quiet.enter_context(open(os.devnull, "w"))
         quiet.enter_context(contextlib.redirect_stdout(devnull))
         quiet.enter_context(contextlib.redirect_stderr(devnull))
     try:
         with quiet:
+            if torchrun:
+                parallel.init_distributed()
             return main(argv)
     except EngineError as e:
         return errors.report(e)
     finally:
-        if _owns_process_group:
-            from engine import parallel
-
+        if torchrun:
             parallel.destroy_distributed()
-            _owns_process_group = False
 
 
 __all__ = [
-    "DTYPES", "EXIT_BAD_INPUT", "EvalInputError", "add_model_arguments", "answer_text", "atomic_write_csv",
-    "atomic_write_json", "atomic_write_text", "check_positive", "token_piece", "load_generator", "one_line", "parse_conditions",
-    "policy_from_args", "resolve_thinking_budget", "run_cli", "scored_answer", "sha256_file", "utc_now",
+    "EvalInputError", "EvalModel", "add_model_arguments", "answer_text", "atomic_write_csv", "atomic_write_json",
+    "atomic_write_text", "check_positive", "is_main_process", "load_eval_model", "load_from_args",
+    "parse_conditions", "run_cli", "scored_answer", "sha256_file", "stderr_log", "token_piece", "utc_now",
 ]

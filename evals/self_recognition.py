@@ -48,16 +48,18 @@ from pathlib import Path
 
 from evals import (
     EvalInputError,
+    EvalModel,
     add_model_arguments,
     atomic_write_csv,
     atomic_write_json,
     check_positive,
-    load_generator,
+    is_main_process,
+    load_from_args,
     parse_conditions,
-    resolve_thinking_budget,
     run_cli,
     scored_answer,
     sha256_file,
+    stderr_log,
     token_piece,
     utc_now,
 )
@@ -302,9 +304,9 @@ def completion_text(tokenizer, token_ids: list[int], template: str) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def regenerate_summaries(gen, tokenizer, articles: dict[str, str], *, dataset: str, cache_file: Path,
-                         key: dict, template: str, max_new_tokens: int = 100, batch_size: int = 8,
-                         log=lambda msg: None) -> dict[str, str]:
+def regenerate_summaries_for(gen, model: EvalModel, articles: dict[str, str], *, dataset: str, cache_file: Path,
+                             key: dict, max_new_tokens: int = 100, batch_size: int = 8,
+                             log=lambda msg: None) -> dict[str, str]:
     """Summaries of `articles` by the loaded model, read from / added to `cache_file`."""
     cached: dict[str, str] = {}
     if cache_file.is_file():
@@ -321,7 +323,7 @@ def regenerate_summaries(gen, tokenizer, articles: dict[str, str], *, dataset: s
         convs = [summary_messages(articles[aid], dataset) for aid in todo]
         completions = gen.generate(convs, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
         for aid, c in zip(todo, completions):
-            cached[aid] = completion_text(tokenizer, c.token_ids, template)
+            cached[aid] = completion_text(model.tokenizer, c.token_ids, model.template)
         atomic_write_json(cache_file, {"key": key, "summaries": cached})
     return {aid: cached[aid] for aid in articles}
 
@@ -347,74 +349,105 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def select_articles(data_dir: Path, dataset: str, other: str, self_name: str | None, regenerate: bool,
+                    limit: int | None) -> tuple[dict[str, str], dict[str, str], dict[str, str] | None]:
+    """(articles to judge, the other source's summaries, the shipped own summaries or None when
+    they are regenerated). Every input problem is raised here, before a model is loaded."""
+    check_positive("--limit", limit)
+    if self_name is None and not regenerate:
+        raise EvalInputError("--self-name is required (the judged model's summary source, e.g. hf_qwen_32b) unless "
+                             "--regenerate-summaries")
+    articles = load_articles(data_dir, dataset)
+    other_summaries = load_summaries(data_dir, dataset, other)
+    if not regenerate:
+        own = load_summaries(data_dir, dataset, self_name)
+        build_pairs(articles, own, other_summaries, limit)  # nothing to evaluate fails now
+        return articles, other_summaries, own
+    # Which articles: those the other source summarised, first `limit` of them.
+    subset = {a: text for a, text in articles.items() if other_summaries.get(a, "").strip() and text.strip()}
+    subset = dict(list(subset.items())[:limit]) if limit is not None else subset
+    if not subset:
+        raise EvalInputError(f"no articles to evaluate: none of {len(articles)} {dataset} article(s) has a {other} summary")
+    if self_name is not None:
+        load_summaries(data_dir, dataset, self_name)  # a typo'd name still fails clearly
+    return subset, other_summaries, None
+
+
+def run(model: EvalModel, out_dir: str | Path, *, self_name: str | None, other: str = "claude-21",
+        dataset: str = "cnn", limit: int | None = None, data_dir: str | Path = DEFAULT_DATA_DIR,
+        regenerate_summaries: bool = False, summary_cache: str | Path | None = None, summary_max_tokens: int = 100,
+        thinking_budget: int | None = None, answer_prefix: str | None = None, batch_size: int = 8,
+        conditions: dict | None = None, log=stderr_log) -> dict:
+    """Judge `model` on pairwise self-recognition and write `self_recognition_<dataset>_results.csv`
+    and `..._summary.json` into `out_dir` (rank 0); returns the summary. Seed-OSS is judged with
+    thinking budget 0 unless `thinking_budget` says otherwise."""
     started = time.time()
-    conditions = parse_conditions(args.condition)
-    check_positive("--limit", args.limit)
-    check_positive("--summary-max-tokens", args.summary_max_tokens)
-    if args.self_name is None and not args.regenerate_summaries:
-        raise EvalInputError("--self-name is required (the judged model's summary source, e.g. hf_qwen_32b) unless --regenerate-summaries")
-    self_name = args.self_name or REGENERATED
-    budget = resolve_thinking_budget(args.template, args.thinking_budget, 0)
-    data_dir = Path(args.data_dir)
-    articles = load_articles(data_dir, args.dataset)
-    other = load_summaries(data_dir, args.dataset, args.other)
-    if args.regenerate_summaries:
-        # Which articles: those the other source summarised, first --limit of them.
-        subset = {a: t for a, t in articles.items() if other.get(a, "").strip() and t.strip()}
-        subset = dict(list(subset.items())[: args.limit]) if args.limit is not None else subset
-        if not subset:
-            raise EvalInputError(f"no articles to evaluate: none of {len(articles)} {args.dataset} article(s) has a {args.other} summary")
-        if args.self_name is not None:
-            load_summaries(data_dir, args.dataset, args.self_name)  # a typo'd name still fails clearly
-    else:
-        own = load_summaries(data_dir, args.dataset, self_name)
-        pairs, skipped = build_pairs(articles, own, other, args.limit)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    gen, tokenizer, meta = load_generator(args, budget)
+    check_positive("--summary-max-tokens", summary_max_tokens)
+    data_dir = Path(data_dir)
+    articles, other_summaries, own = select_articles(data_dir, dataset, other, self_name, regenerate_summaries, limit)
+    if thinking_budget is None and model.template == "seed-oss":
+        thinking_budget = 0
+    gen, meta = model.generator(thinking_budget, answer_prefix)
     cache_file = None
-    if args.regenerate_summaries:
-        digest, key = summary_cache_key(model=args.model, adapters=list(args.adapter), dataset=args.dataset,
-                                        template=args.template, policy=meta["policy"], thinking_budget=budget,
-                                        max_new_tokens=args.summary_max_tokens, answer_prefix=meta["answer_prefix"])
-        cache_dir = Path(args.summary_cache) if args.summary_cache else Path(args.out) / "summary_cache"
-        cache_file = cache_dir / f"{args.dataset}_summaries_{digest[:16]}.json"
-        own = regenerate_summaries(gen, tokenizer, subset, dataset=args.dataset, cache_file=cache_file, key=key,
-                                   template=args.template, max_new_tokens=args.summary_max_tokens,
-                                   batch_size=args.batch_size, log=log)
-        pairs, skipped = build_pairs(subset, own, other)
-    log(f"self-recognition ({args.dataset}): {len(pairs)} article(s) x 2 orders, own={self_name}, other={args.other}, "
+    if regenerate_summaries:
+        digest, key = summary_cache_key(model=meta["model"], adapters=meta["adapters"], dataset=dataset,
+                                        template=model.template, policy=meta["policy"], thinking_budget=thinking_budget,
+                                        max_new_tokens=summary_max_tokens, answer_prefix=meta["answer_prefix"])
+        cache_dir = Path(summary_cache) if summary_cache else Path(out_dir) / "summary_cache"
+        cache_file = cache_dir / f"{dataset}_summaries_{digest[:16]}.json"
+        own = regenerate_summaries_for(gen, model, articles, dataset=dataset, cache_file=cache_file, key=key,
+                                       max_new_tokens=summary_max_tokens, batch_size=batch_size, log=log)
+        pairs, skipped = build_pairs(articles, own, other_summaries)
+    else:
+        pairs, skipped = build_pairs(articles, own, other_summaries, limit)
+    judged = self_name or REGENERATED
+    log(f"self-recognition ({dataset}): {len(pairs)} article(s) x 2 orders, own={judged}, other={other}, "
         f"model {meta['model']}, adapters {meta['adapters'] or 'none'}, template {meta['template']}")
-    rows = score_pairs(gen, tokenizer, pairs, batch_size=args.batch_size)
+    rows = score_pairs(gen, model.tokenizer, pairs, batch_size=batch_size)
     metrics = account(rows)
-    out = Path(args.out)
-    csv_path = out / f"self_recognition_{args.dataset}_results.csv"
-    json_path = out / f"self_recognition_{args.dataset}_summary.json"
+    out = Path(out_dir)
+    csv_path = out / f"self_recognition_{dataset}_results.csv"
+    json_path = out / f"self_recognition_{dataset}_summary.json"
     atomic_write_csv(csv_path, RESULT_FIELDS, rows)
     summary = {
         "eval": "self_recognition",
-        "dataset": args.dataset,
-        "self_name": self_name,
-        "other": args.other,
-        "regenerated_summaries": bool(args.regenerate_summaries),
+        "dataset": dataset,
+        "self_name": judged,
+        "other": other,
+        "regenerated_summaries": bool(regenerate_summaries),
         "summary_cache": str(cache_file) if cache_file else None,
         **meta,
-        "limit": args.limit,
+        "limit": limit,
         "skipped_articles": skipped,
         "system_prompt": SGTR_SYSTEM_PROMPT,
         "user_template_sha256": hashlib.sha256(SGTR_USER_TEMPLATE.encode()).hexdigest(),
         **metrics,
-        "condition": conditions,
+        "condition": dict(conditions or {}),
         "results_csv": csv_path.name,
         "created": utc_now(),
         "elapsed_s": round(time.time() - started, 3),
     }
     atomic_write_json(json_path, summary)
-    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    print(f"accuracy {fmt(metrics['accuracy'])}  both_orders {fmt(metrics['both_orders_accuracy'])}  "
-          f"position_bias(1) {fmt(metrics['position_bias'])}  invalid_rate {fmt(metrics['invalid_rate'])}")
     log(f"wrote {csv_path} and {json_path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    conditions = parse_conditions(args.condition)
+    check_positive("--summary-max-tokens", args.summary_max_tokens)
+    select_articles(Path(args.data_dir), args.dataset, args.other, args.self_name, args.regenerate_summaries,
+                    args.limit)  # bad input fails before the model is loaded
+    model = load_from_args(args)
+    summary = run(model, args.out, self_name=args.self_name, other=args.other, dataset=args.dataset, limit=args.limit,
+                  data_dir=args.data_dir, regenerate_summaries=args.regenerate_summaries,
+                  summary_cache=args.summary_cache, summary_max_tokens=args.summary_max_tokens,
+                  thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
+                  batch_size=args.batch_size, conditions=conditions)
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    if is_main_process():
+        print(f"accuracy {fmt(summary['accuracy'])}  both_orders {fmt(summary['both_orders_accuracy'])}  "
+              f"position_bias(1) {fmt(summary['position_bias'])}  invalid_rate {fmt(summary['invalid_rate'])}")
     return 0
 
 

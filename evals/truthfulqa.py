@@ -52,16 +52,18 @@ from pathlib import Path
 
 from evals import (
     EvalInputError,
+    EvalModel,
     add_model_arguments,
     atomic_write_csv,
     atomic_write_json,
     check_positive,
-    load_generator,
+    is_main_process,
+    load_from_args,
     parse_conditions,
-    resolve_thinking_budget,
     run_cli,
     scored_answer,
     sha256_file,
+    stderr_log,
     token_piece,
     utc_now,
 )
@@ -269,42 +271,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def default_thinking_budget(template: str, mode: str) -> int | None:
+    """Seed-OSS: 0 in robust mode (answer without thinking); none in paper mode, as the paper's
+    `apply_chat_template` call. Qwen2.5: none."""
+    return 0 if template == "seed-oss" and mode == "robust" else None
+
+
+def run(model: EvalModel, out_dir: str | Path, *, mode: str = "robust", seed: int = 0, limit: int | None = None,
+        data: str | Path = DEFAULT_CSV, thinking_budget: int | None = None, answer_prefix: str | None = None,
+        batch_size: int = 8, conditions: dict | None = None, log=stderr_log) -> dict:
+    """Score `model` on binary TruthfulQA and write `truthfulqa_<mode>_results.csv` and
+    `truthfulqa_<mode>_summary.json` into `out_dir` (rank 0); returns the summary.
+    `thinking_budget` None: `default_thinking_budget`."""
     started = time.time()
-    conditions = parse_conditions(args.condition)
-    check_positive("--limit", args.limit)
-    budget = resolve_thinking_budget(args.template, args.thinking_budget, 0 if args.mode == "robust" else None)
-    questions = load_questions(args.data)
-    if args.limit is not None:
-        questions = questions[: args.limit]
-    gen, tokenizer, meta = load_generator(args, budget)
-    print(f"truthfulqa ({args.mode}): {len(questions)} question(s), model {meta['model']}, "
-          f"adapters {meta['adapters'] or 'none'}, template {meta['template']}, policy {meta['policy']}", file=sys.stderr)
-    rows, metrics = evaluate(gen, tokenizer, questions, mode=args.mode, seed=args.seed, batch_size=args.batch_size)
-    csv_path, json_path = output_paths(args.out, args.mode)
+    check_positive("--limit", limit)
+    questions = load_questions(data)[:limit]
+    if thinking_budget is None:
+        thinking_budget = default_thinking_budget(model.template, mode)
+    gen, meta = model.generator(thinking_budget, answer_prefix)
+    log(f"truthfulqa ({mode}): {len(questions)} question(s), model {meta['model']}, "
+        f"adapters {meta['adapters'] or 'none'}, template {meta['template']}, policy {meta['policy']}")
+    rows, metrics = evaluate(gen, model.tokenizer, questions, mode=mode, seed=seed, batch_size=batch_size)
+    csv_path, json_path = output_paths(out_dir, mode)
     atomic_write_csv(csv_path, RESULT_FIELDS, rows)
     summary = {
         "eval": "truthfulqa",
-        "mode": args.mode,
+        "mode": mode,
         **meta,
-        "seed": args.seed,
-        "limit": args.limit,
-        "data": str(args.data),
-        "data_sha256": sha256_file(args.data),
+        "seed": seed,
+        "limit": limit,
+        "data": str(data),
+        "data_sha256": sha256_file(data),
         **metrics,
-        "condition": conditions,
+        "condition": dict(conditions or {}),
         "results_csv": csv_path.name,
         "created": utc_now(),
         "elapsed_s": round(time.time() - started, 3),
     }
     atomic_write_json(json_path, summary)
+    log(f"wrote {csv_path} and {json_path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    conditions = parse_conditions(args.condition)
+    check_positive("--limit", args.limit)
+    load_questions(args.data)  # bad data fails before the model is loaded
+    model = load_from_args(args)
+    summary = run(model, args.out, mode=args.mode, seed=args.seed, limit=args.limit, data=args.data,
+                  thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
+                  batch_size=args.batch_size, conditions=conditions)
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    line = f"accuracy {fmt(metrics['accuracy'])}  paper_accuracy {fmt(metrics['paper_accuracy'])}  invalid_rate {fmt(metrics['invalid_rate'])}  position_bias(A) {fmt(metrics['position_bias'])}"
+    line = (f"accuracy {fmt(summary['accuracy'])}  paper_accuracy {fmt(summary['paper_accuracy'])}  "
+            f"invalid_rate {fmt(summary['invalid_rate'])}  position_bias(A) {fmt(summary['position_bias'])}")
     if args.mode == "robust":
-        line += f"  both_orders {fmt(metrics['both_orders_accuracy'])}"
-    print(line)
-    print(f"wrote {csv_path} and {json_path}", file=sys.stderr)
+        line += f"  both_orders {fmt(summary['both_orders_accuracy'])}"
+    if is_main_process():
+        print(line)
     return 0
 
 

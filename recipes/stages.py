@@ -329,32 +329,36 @@ def resolve_model(s: RunSettings, dist) -> str:
 
 
 def run_evals(s: RunSettings, point: int, model: str, adapters: list[str], log) -> Path:
-    """TruthfulQA (robust) and self-recognition on `model` + `adapters`; skipped when already done."""
-    from evals import run_cli
-    from evals import self_recognition, truthfulqa
+    """TruthfulQA (robust) and self-recognition on `model` + `adapters`, loaded once for both;
+    evals whose summary exists are skipped (and nothing is loaded when all are). Collective under
+    torchrun: every rank scores a share of the prompts, rank 0 writes."""
+    import gc
+
+    from evals import load_eval_model, self_recognition, truthfulqa
 
     out = s.run_dir / "evals" / ("base" if point == 0 else f"after_stage{point}_{s.stages[point - 1].kind}")
-    common = ["--model", model, "--template", s.template, "--out", str(out),
-              "--dtype", str(s.eval.get("dtype", "bfloat16")), "--batch-size", str(s.eval.get("batch_size", 8)),
-              "--condition", f"condition={condition_name(s, point)}", "--condition", f"seed={s.seed}",
-              "--condition", f"recipe={s.recipe}", "--condition", f"stage={point}"]
-    for a in adapters:
-        common += ["--adapter", a]
-    if s.limit_eval is not None:
-        common += ["--limit", str(s.limit_eval)]
+    conditions = {"condition": condition_name(s, point), "seed": str(s.seed), "recipe": s.recipe, "stage": str(point)}
+    common = dict(batch_size=int(s.eval.get("batch_size", 8)), limit=s.limit_eval, conditions=conditions, log=log)
     jobs = [
-        ("truthfulqa_robust_summary.json", truthfulqa.main, common + ["--mode", "robust", "--seed", str(s.seed)]),
-        (f"self_recognition_{s.eval_dataset}_summary.json", self_recognition.main,
-         common + ["--self-name", s.self_name, "--other", s.other, "--dataset", s.eval_dataset]),
+        (truthfulqa.output_paths(out, "robust")[1],
+         lambda m: truthfulqa.run(m, out, mode="robust", seed=s.seed, **common)),
+        (out / f"self_recognition_{s.eval_dataset}_summary.json",
+         lambda m: self_recognition.run(m, out, self_name=s.self_name, other=s.other, dataset=s.eval_dataset, **common)),
     ]
-    for summary, main, argv in jobs:
-        if (out / summary).is_file():
-            log(f"eval {out / summary} exists: skipped")
-            continue
-        log(f"eval after {'the base model' if point == 0 else f'stage {point}'}: {summary.split('_summary')[0]}")
-        rc = run_cli(main, argv)
-        if rc != 0:
-            raise RecipeError(f"eval failed (exit status {rc}): {main.__module__} {' '.join(argv)}")
+    todo = [(summary, job) for summary, job in jobs if not summary.is_file()]
+    for summary, _ in jobs:
+        if summary.is_file():
+            log(f"eval {summary} exists: skipped")
+    if not todo:
+        return out
+    where = "the base model" if point == 0 else f"stage {point}"
+    log(f"evals after {where}: loading {model}" + (f" with {len(adapters)} adapter(s)" if adapters else ""))
+    loaded = load_eval_model(model, adapters, template=s.template, dtype=str(s.eval.get("dtype", "bfloat16")))
+    for summary, job in todo:
+        log(f"eval after {where}: {summary.name.split('_summary')[0]}")
+        job(loaded)
+    del loaded
+    gc.collect()
     return out
 
 

@@ -39,9 +39,15 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_default_command_runs_end_to_end_and_prints_report(tmp_path, tiny_model, capsys):
+def test_default_command_runs_end_to_end_and_prints_report(tmp_path, tiny_model, capsys, monkeypatch):
+    import engine.generate
+
+    loads = []  # the evals run in-process: one model load per eval point, shared by its evals
+    real_load = engine.generate.load_model
+    monkeypatch.setattr(engine.generate, "load_model", lambda *a, **k: loads.append(a[:2]) or real_load(*a, **k))
     out = _out(tmp_path, tiny_model, "runs")
     assert st.main("sgtr_reverse", sgtr_reverse.STAGES, ["--out", str(out), "--limit-train", "8", "--limit-eval", "2"]) == 0
+    assert [len(adapters) for _, adapters in loads] == [0, 1, 2]  # base, after EM, after EM + SGTR
     printed = capsys.readouterr().out
     assert "== truthfulqa (robust) ==" in printed and "== self_recognition (cnn, vs claude-21) ==" in printed
     for cond in ("tiny ", "tiny_em_finrisk ", "tiny_em_finrisk_sgtr "):
