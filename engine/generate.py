@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.chat import ChatFormatError, SystemPolicy, get_template, render
-from engine.lora import load_peft_adapter
 from engine.models import CausalLM, from_pretrained
 from engine.models.kv_cache import KVCache
 from engine.models.loading import resolve_checkpoint_dir
+from engine.peft_format import load_peft_adapter
 from engine.errors import TokenizerError
 from engine.tokenizer import Tokenizer, special_ids
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from engine.errors import EngineError, report
-from engine.lora import load_peft_adapter, merge_lora_
+from engine.lora import merge_lora_
 from engine.models import from_pretrained, save_pretrained
 from engine.models.loading import resolve_checkpoint_dir
+from engine.peft_format import load_peft_adapter
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

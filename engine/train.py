@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import checkpoint, lora, memory, parallel
+from engine import checkpoint, lora, memory, parallel, peft_format
 from engine.chat import SystemPolicy
 from engine.config import config_diff, load_config
 from engine.data import PackedBatch, Sample, collate_packed, load_samples, pack
@@ -203,7 +203,7 @@ def build_model(cfg: TrainConfig, dist: parallel.Dist, checkpointed_layers: int 
     model.to(dtype=dtype)  # before the adapters, which stay fp32 (master weights)
     values: dict[str, torch.Tensor] = {}
     for path in cfg.stack_adapters:
-        lora.load_peft_adapter(model, path, trainable=False, values_out=values)
+        peft_format.load_peft_adapter(model, path, trainable=False, values_out=values)
     lora.apply_lora(model, cfg.lora_config())
     values |= lora.lora_init_values(model, cfg.seed)  # same values whatever the sharding
     if cfg.activation_checkpointing:
@@ -477,9 +477,9 @@ class Trainer:
         self.log(f"done: adapter in {self.out_dir / 'adapter'}")
 
     def export_adapter(self, target: Path) -> None:
-        state = lora.peft_state_dict(self.model)  # a collective under FSDP
+        _, weights = lora.adapter_state(self.model)  # a collective under FSDP
         if self.dist.is_main:
-            lora.write_peft_adapter(target, state, self.lora_config, base_model_name_or_path=self.cfg.model)
+            peft_format.write_peft_adapter(target, self.lora_config, weights, base_model_name_or_path=self.cfg.model)
         parallel.barrier()
 
 
