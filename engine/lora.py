@@ -215,8 +215,8 @@ class LoraLinear(nn.Linear):
         * handing the adapters anything but that view: a copy (casting ``x`` to the adapters'
           dtype as PEFT does, ``.contiguous()``, ``.clone()``), a subset of rows (only trained
           tokens, say) or chunks. Numerically harmless, but every adapter then saves its own
-          (tokens × in_features) tensor, beyond what ``engine.memory`` estimates
-          (``tests/test_lean.py`` compares the two);
+          (tokens × in_features) tensor, beyond what ``engine.memory`` estimates (the memory
+          test in ``tests/test_lean.py`` fails, in its run without activation checkpointing);
         * writing into ``x`` or ``x2`` in place (an in-place dropout, a ``mul_``): the hooks
           rebuild the unmodified values, so the gradients are silently wrong (autograd's in-place
           check does not see through saved-tensor hooks).
