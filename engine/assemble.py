@@ -27,6 +27,7 @@ from engine.config import DTYPE_NAMES
 from engine.errors import CheckpointError, ConfigError, TrainingError
 from engine.models import CausalLM, ModelArgs
 from engine.models.loading import load_safetensors, resolve_checkpoint_dir
+from engine.peft_format import load_peft_adapter
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def build_model(
     model.to(dtype=dtype)  # before the adapters, which stay fp32 (master weights)
     values: dict[str, torch.Tensor] = {}
     for path in stack_adapters:
-        lora.load_peft_adapter(model, path, trainable=False, values_out=values)
+        load_peft_adapter(model, path, trainable=False, values_out=values)
     if new_adapter is not None:
         lora.apply_lora(model, new_adapter)
         values |= lora.lora_init_values(model, seed)  # same values whatever the sharding

@@ -20,9 +20,10 @@ from pathlib import Path
 from engine.assemble import torch_dtype
 from engine.config import DTYPE_NAMES
 from engine.errors import EngineError, report
-from engine.lora import load_peft_adapter, merge_lora_
+from engine.lora import merge_lora_
 from engine.models import from_pretrained, save_pretrained
 from engine.models.loading import resolve_checkpoint_dir
+from engine.peft_format import load_peft_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")

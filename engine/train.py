@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import lora, memory, parallel
+from engine import lora, memory, parallel, peft_format
 from engine.assemble import Layout, build_model, read_model_args, torch_dtype
 from engine.config import TrainConfig, load_config
 from engine.data import PackedBatch, Sample, collate_packed, load_samples, pack
@@ -271,9 +271,9 @@ class Trainer:
         self.log(f"done: adapter in {self.run_dir.adapter_dir}")
 
     def export_adapter(self, target: Path) -> None:
-        state = lora.peft_state_dict(self.model)  # a collective under FSDP
+        config, weights = lora.adapter_state(self.model)  # a collective under FSDP
         if self.dist.is_main:
-            lora.write_peft_adapter(target, state, self.lora_config, base_model_name_or_path=self.cfg.model)
+            peft_format.write_peft_adapter(target, config, weights, base_model_name_or_path=self.cfg.model)
         parallel.barrier()
 
 

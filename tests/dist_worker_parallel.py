@@ -5,10 +5,11 @@ each rank runs every distributed scenario and saves what it observed to ``OUT/ra
 the test process compares those results with single-process references. One launch serves all
 tests, since starting the process group costs more than the scenarios themselves.
 
-The LoRA stand-in (``LoraLinear``) mirrors what ``engine.lora`` must provide for parallelism:
-base parameter names unchanged (``...q_proj.weight``), frozen base weights in the model dtype,
-trainable fp32 ``lora_A`` (r, in) and ``lora_B`` (out, r) parameters. With r = 1, every
-``lora_A`` has a single row, so on 2 ranks the second rank's shard is empty.
+The adapters are engine.lora's, added as the trainer adds them (on the meta device, before
+activation checkpointing and FSDP): base parameter names unchanged (``...q_proj.weight``),
+frozen base weights in the model dtype, trainable fp32 ``...q_proj.lora.0.A`` (r, in) and
+``.B`` (out, r). With r = 1 every ``A`` has a single row, so on 2 ranks the second rank's shard
+is empty.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.loading import load_safetensors
+from engine import lora
 from engine import parallel as par
 from engine.models import CausalLM, ModelArgs
 
-LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
-LORA_RANK = 1
-LORA_SCALE = 2.0
+LORA = lora.LoraConfig(r=1, alpha=2.0, use_rslora=False, target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"))
 VOCAB = 97  # odd: the embedding and LM head split 49 / 48 over 2 ranks
-INTERMEDIATE = 75  # odd: gate/up split 38 / 37; down_proj's lora_A has 75 columns
+INTERMEDIATE = 75  # odd: gate/up split 38 / 37; down_proj's A has 75 columns
 CLIP_MAX_NORM = 1e-3
 
 
@@ -50,52 +50,34 @@ def tiny_config(tied: bool) -> dict:
     )
 
 
-class LoraLinear(nn.Module):
-    """``base(x) + scale * B(A(x))`` keeping ``base``'s parameter names (weight, bias)."""
-
-    def __init__(self, base: nn.Linear, r: int = LORA_RANK, scale: float = LORA_SCALE):
-        super().__init__()
-        self.weight = base.weight
-        self.bias = base.bias
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        a, b = self.lora_A, self.lora_B  # fp32, or param_dtype under FSDP mixed precision
-        return out + (self.scale * F.linear(F.linear(x.to(a.dtype), a), b)).to(out.dtype)
-
-
 def add_lora(model: CausalLM) -> CausalLM:
-    """Freeze every base parameter and wrap the target projections (works on meta too)."""
-    model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in LORA_TARGETS and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoraLinear(child))
+    """engine.lora's adapters (``LORA``, scaling 2), base frozen; works on the meta device too."""
+    lora.apply_lora(model, LORA)
     return model
 
 
-def is_lora(name: str) -> bool:
-    return ".lora_" in name
+is_lora = lora.is_lora_parameter_name
 
 
-def lora_full_init(name: str, shape: torch.Size) -> torch.Tensor:
-    """The deterministic full initial value of a LoRA parameter (identical on every rank)."""
-    seed = sum(map(ord, name))
-    return 0.3 * torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+def lora_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full initial value of every adapter parameter, identical on every rank: engine.lora's
+    init for ``A`` (seeded per module name), ``B`` random too so that ``A``'s gradients are not 0."""
+    values = lora.lora_init_values(model, seed=3)
+    for name, value in values.items():
+        if name.endswith(".B"):
+            g = torch.Generator().manual_seed(sum(map(ord, name)))
+            values[name] = 0.3 * torch.randn(tuple(value.shape), generator=g)
+    return values
 
 
-def init_lora_(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if is_lora(name):
-            par.copy_full_(p, lora_full_init(name, p.shape))
+def set_lora_values_(model: nn.Module) -> None:
+    """Copy :func:`lora_values` into the (possibly sharded) adapter parameters, as the trainer does."""
+    for name, value in lora_values(model).items():
+        par.copy_full_(model.get_parameter(name), value)
 
 
 def lora_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return list(lora.named_trainable_lora_parameters(model))
 
 
 def eval_ids() -> torch.Tensor:
@@ -123,43 +105,12 @@ def loss_sum(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
-ENGINE_LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
-
-
-def engine_lora_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """engine.lora's deterministic init, with B made nonzero so that A's gradients are too."""
-    from engine import lora
-
-    values = lora.lora_init_values(model, seed=3)
-    return {n: (v if n.endswith(".A") else lora_full_init(n, v.shape)) for n, v in values.items()}
-
-
-def build_with_engine_lora(ckpt: str | Path) -> CausalLM:
-    """The production path with the real engine.lora (r 3: odd rows for A, 2/1 over 2 ranks)."""
-    import json
-
-    from engine import lora
-
-    with open(Path(ckpt) / "config.json") as f:
-        args = ModelArgs.from_hf_config(json.load(f))
-    with torch.device("meta"):
-        model = CausalLM(args)
-    lora.apply_lora(model, lora.LoraConfig(r=3, alpha=6.0, target_modules=ENGINE_LORA_TARGETS))
-    par.apply_activation_checkpointing(model)
-    par.apply_fsdp(model, param_dtype=torch.float32)
-    model.to_empty(device="cpu")
-    load_safetensors(model, ckpt, expect_missing=lora.is_lora_parameter_name)
-    for name, value in engine_lora_values(model).items():
-        par.copy_full_(model.get_parameter(name), value)
-    return model
-
-
 def build_sharded(
     ckpt: str | Path,
     *,
     base_dtype: torch.dtype,
     param_dtype: torch.dtype | None,
-    lora: bool = True,
+    adapters: bool = True,
     checkpointing: bool = True,
     device: torch.device | str = "cpu",
     load: bool = True,
@@ -172,18 +123,17 @@ def build_sharded(
     with torch.device("meta"):
         model = CausalLM(args)
     model.to(dtype=base_dtype)
-    if lora:
-        with torch.device("meta"):
-            add_lora(model)
+    if adapters:
+        add_lora(model)
     if checkpointing:
         par.apply_activation_checkpointing(model)
     par.apply_fsdp(model, param_dtype=param_dtype)
     model.to_empty(device=device)
     if not load:
         return model
-    load_safetensors(model, ckpt, expect_missing=is_lora if lora else None)
-    if lora:
-        init_lora_(model)
+    load_safetensors(model, ckpt, expect_missing=is_lora if adapters else None)
+    if adapters:
+        set_lora_values_(model)
     return model
 
 
@@ -244,7 +194,7 @@ def run_worker(ckpt: str, tied_ckpt: str, out_dir: str) -> None:
 
     # copy_full_ / gather_full on an odd-sized frozen weight and an empty-shard LoRA parameter.
     roundtrip = {}
-    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.q_proj.lora_A"):
+    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.q_proj.lora.0.A"):
         p = model.get_parameter(name)
         full = torch.randn(tuple(p.shape), generator=torch.Generator().manual_seed(7))
         par.copy_full_(p, full)
@@ -276,26 +226,6 @@ def run_worker(ckpt: str, tied_ckpt: str, out_dir: str) -> None:
     res["accum_grads_none_before_sync"] = seen
     res["accum_grads"] = par.full_state_dict((n_, p.grad) for n_, p in lora_params(m))
 
-    # The real engine.lora, if present: same checks as above, recorded rather than raised.
-    try:
-        from engine import lora
-
-        m = build_with_engine_lora(ckpt)
-        m.eval()
-        with torch.no_grad():
-            logits = m(eval_ids())
-        m.train()
-        (loss_sum(m, *rank_batch(d.rank)) / global_trained_tokens()).backward()
-        res["engine_lora"] = {
-            "logits": logits,
-            "grads": par.full_state_dict((n_, p.grad) for n_, p in lora.named_trainable_lora_parameters(m)),
-            "local_shapes": {n_: tuple(p.to_local().shape) for n_, p in lora.named_trainable_lora_parameters(m)},
-        }
-    except ImportError as err:
-        res["engine_lora"] = f"ImportError: {err}"
-    except Exception:  # noqa: BLE001 - reported by the test that needs it
-        res["engine_lora"] = traceback.format_exc()
-
     # Tied embeddings: one DTensor shared by embed_tokens and lm_head, loaded once.
     tied = build_sharded(tied_ckpt, base_dtype=torch.float32, param_dtype=torch.float32, checkpointing=False)
     res["tied_is_same"] = tied.lm_head.weight is tied.model.embed_tokens.weight
@@ -311,7 +241,7 @@ def run_worker(ckpt: str, tied_ckpt: str, out_dir: str) -> None:
         res["missing_error"] = None
     except Exception as err:  # noqa: BLE001 - the message is what the test checks
         res["missing_error"] = f"{type(err).__name__}: {err}"
-    m2 = build_sharded(ckpt, base_dtype=torch.float32, param_dtype=None, lora=False, load=False)
+    m2 = build_sharded(ckpt, base_dtype=torch.float32, param_dtype=None, adapters=False, load=False)
     try:
         load_safetensors(m2, tied_ckpt)  # no lm_head.weight stored there
         res["tied_into_untied_error"] = None

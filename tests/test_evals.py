@@ -21,7 +21,8 @@ import torch
 
 from engine.chat import SystemPolicy
 from engine.generate import Generator, load_model
-from engine.lora import LoraConfig, apply_lora, save_peft_adapter
+from engine.lora import LoraConfig, adapter_state, apply_lora
+from engine.peft_format import write_peft_adapter
 from engine.tokenizer import Tokenizer
 from evals import atomic_write_json, run_cli, scored_answer
 from evals import prompts as P
@@ -414,7 +415,7 @@ def make_adapter(base: Path, out: Path, *, hidden: int | None = None) -> Path:
             num_key_value_heads=2, head_dim=8, attention_out_bias=True)).save_pretrained(src)
     model = load_model(src, dtype=torch.float32)
     apply_lora(model, LoraConfig(r=2, alpha=4.0), seed=0)
-    return save_peft_adapter(model, out, base_model_name_or_path=str(src))
+    return write_peft_adapter(out, *adapter_state(model), base_model_name_or_path=str(src))
 
 
 def error_line(capsys) -> str:

@@ -21,6 +21,7 @@ import engine.models as em
 from engine.chat import SystemPolicy
 from engine.generate import ChoiceScore, Completion, Generator, load_model, top_p_filter
 from engine.lora import LoraConfig, LoraError
+from engine.peft_format import write_peft_adapter
 from engine.models.kv_cache import KVCache
 from tests.jinja_reference import render_reference
 
@@ -379,16 +380,16 @@ def test_load_model_stacks_adapters(ckpts, tmp_path):
     base = ref(ids)
     lora.apply_lora(ref, LoraConfig(r=4, alpha=8.0), seed=1)
     _randomise_B(ref, 0, seed=1)
-    lora.save_peft_adapter(ref, tmp_path / "a1")
+    write_peft_adapter(tmp_path / "a1", *lora.adapter_state(ref))
     one = ref(ids)
     lora.apply_lora(ref, LoraConfig(r=2, alpha=4.0, target_modules=("q_proj", "down_proj")), seed=2)
     _randomise_B(ref, 1, seed=2)
-    lora.save_peft_adapter(ref, tmp_path / "a2")
+    write_peft_adapter(tmp_path / "a2", *lora.adapter_state(ref))
     both = ref(ids)
 
     model = load_model(ckpts["seed-oss"], adapters=[tmp_path / "a1", str(tmp_path / "a2")], dtype=torch.float32)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert lora.lora_levels(model) == [0, 1]
+    assert {n.rsplit(".", 2)[1] for n, _ in model.named_parameters() if lora.is_lora_parameter_name(n)} == {"0", "1"}
     got = model(ids)
     assert (got - both).abs().max() <= ATOL
     assert (both - one).abs().max() > 1e-3 and (one - base).abs().max() > 1e-3  # each adapter matters
@@ -399,8 +400,8 @@ def test_load_model_stacks_adapters(ckpts, tmp_path):
 def test_load_model_refuses_adapter_of_another_model(ckpts, tmp_path):
     other = em.from_pretrained(ckpts["qwen2.5"], dtype=torch.float32)
     lora.apply_lora(other, LoraConfig(r=4, alpha=8.0, target_modules=("o_proj",)), seed=0)
-    lora.save_peft_adapter(other, tmp_path / "qwen_adapter")
-    with pytest.raises(LoraError, match=r"o_proj.lora_A.weight' has shape \(4, 32\), expected \(4, 48\).*different base model"):
+    write_peft_adapter(tmp_path / "qwen_adapter", *lora.adapter_state(other))
+    with pytest.raises(LoraError, match=r"o_proj: A has shape \(4, 32\), expected \(4, 48\).*different base model"):
         load_model(ckpts["seed-oss"], adapters=[tmp_path / "qwen_adapter"], dtype=torch.float32)
     with pytest.raises(LoraError, match="no adapter_config.json"):
         load_model(ckpts["seed-oss"], adapters=[tmp_path], dtype=torch.float32)

@@ -19,6 +19,7 @@ from engine import parallel
 from engine.memory import estimate, layer_activation_bytes
 from engine.models.presets import PRESETS
 from engine.models.lean import recompute_saved, rms_norm, swiglu
+from engine.peft_format import write_peft_adapter
 from kernels.backend import force
 from tests.tiny import HF_VOCAB, hf_checkpoints
 
@@ -39,7 +40,7 @@ def _ours_with_adapter(ckpt, dtype, tmp_path):
         for name, p in lora.named_trainable_lora_parameters(ours):
             if name.endswith(".B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    out = lora.save_peft_adapter(ours, tmp_path / f"adapter-{dtype}", config, base_model_name_or_path=str(ckpt))
+    out = write_peft_adapter(tmp_path / f"adapter-{dtype}", *lora.adapter_state(ours), base_model_name_or_path=str(ckpt))
     return ours, out
 
 

@@ -1,4 +1,5 @@
-"""LoRA (engine.lora) against real peft + transformers, and HF-format saving (engine.models.saving).
+"""LoRA (engine.lora, engine.peft_format) against real peft + transformers, and HF-format saving
+(engine.models.saving).
 
 Tiny random Qwen2 / Seed-OSS checkpoints are written with transformers' ``save_pretrained``; our
 adapters must give PEFT's logits (fp32, eval, <= 1e-5) in both directions, init must follow
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 import engine.lora as lora
 import engine.models as em
 from engine.lora import LoraConfig, LoraError
+from engine.peft_format import load_peft_adapter, write_peft_adapter
 from tests.tiny import HF_COMMON, HF_VOCAB, hf_checkpoints
 
 ATOL = 1e-5
@@ -46,6 +48,23 @@ def _ids(*shape, seed=1):
 
 def _max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
+
+
+def _levels(model):
+    """The model's adapter stack levels, from its parameter names (``...lora.<level>.A``)."""
+    return sorted({int(n.rsplit(".", 2)[1]) for n, _ in model.named_parameters() if lora.is_lora_parameter_name(n)})
+
+
+def _save(model, out, base=None, index=-1):
+    """What the trainer writes: one adapter level in PEFT's format."""
+    return write_peft_adapter(out, *lora.adapter_state(model, index), base_model_name_or_path=base)
+
+
+@torch.no_grad()
+def _copy_init_values(model, seed):
+    """The sharded path's init (engine.parallel): lora_init_values copied into the parameters."""
+    for name, value in lora.lora_init_values(model, seed).items():
+        model.get_parameter(name).copy_(value)
 
 
 @torch.no_grad()
@@ -72,14 +91,17 @@ def test_our_adapter_loads_in_peft(ckpts, tmp_path, arch, rslora):
     ids = _ids(2, 13)
     base_logits = ours(ids)
     config = LoraConfig(r=8, alpha=16.0, dropout=0.05, use_rslora=rslora)
-    wrapped = lora.apply_lora(ours, config)
+    wrapped = lora.apply_lora(ours, config, seed=0)
     assert len(wrapped) == 7 * 2  # seven projections in each of two layers
-    lora.init_lora_(ours, seed=0)
     _randomise_B(ours, seed=1)
     got = ours(ids)
     assert _max_diff(got, base_logits) > 1e-2, "adapter too small to test anything"
 
-    out = lora.save_peft_adapter(ours, tmp_path / "adapter", config, base_model_name_or_path=str(ckpt))
+    exported, weights = lora.adapter_state(ours)
+    assert exported == LoraConfig(r=8, alpha=16.0, dropout=0.05, use_rslora=rslora,
+                                  target_modules=tuple(sorted(config.target_modules)))
+    assert sorted(weights) == sorted(wrapped)
+    out = write_peft_adapter(tmp_path / "adapter", exported, weights, base_model_name_or_path=str(ckpt))
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.metadata() == {"format": "pt"}
@@ -102,14 +124,21 @@ def test_our_adapter_loads_in_peft(ckpts, tmp_path, arch, rslora):
     assert _max_diff(got, expected) <= ATOL, (arch, rslora)
 
 
-def test_export_config_mismatch_and_partial_targets(ckpts, tmp_path):
-    """save_peft_adapter refuses a config whose scaling differs from the trained adapter; a
-    level that covers only some q_proj layers is exported with full module names."""
+def test_export_partial_targets_and_config_weights_mismatch(ckpts, tmp_path):
+    """A level that covers only some q_proj layers is exported with full module names; the
+    writer refuses a config that does not describe the weights (rank, targets)."""
     ours = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
     lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0, target_modules=("layers.1.self_attn.q_proj",)), seed=0)
-    with pytest.raises(LoraError, match=r"does not match"):
-        lora.save_peft_adapter(ours, tmp_path / "x", LoraConfig(r=4, alpha=16.0), "base")
-    out = lora.save_peft_adapter(ours, tmp_path / "a", None, "base")
+    config, weights = lora.adapter_state(ours)
+    assert config.target_modules == ("model.layers.1.self_attn.q_proj",)
+    with pytest.raises(LoraError, match=r"q_proj: A \(4, 64\) and B \(64, 4\) are not of rank r = 8"):
+        write_peft_adapter(tmp_path / "x", LoraConfig(r=8, alpha=8.0, target_modules=config.target_modules), weights)
+    with pytest.raises(LoraError, match=r"layers.1.self_attn.q_proj is not selected by target_modules \['k_proj'\]"):
+        write_peft_adapter(tmp_path / "x", LoraConfig(r=4, alpha=8.0, target_modules=("k_proj",)), weights)
+    with pytest.raises(LoraError, match="no weights"):
+        write_peft_adapter(tmp_path / "x", config, {})
+    assert not (tmp_path / "x").exists()
+    out = write_peft_adapter(tmp_path / "a", config, weights, "base")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["model.layers.1.self_attn.q_proj"]
     pm = peft.PeftModel.from_pretrained(_hf(ckpts["qwen2"]), out)
@@ -149,7 +178,7 @@ def test_peft_adapter_loads_in_ours(ckpts, tmp_path, arch, rslora):
     ours = em.from_pretrained(ckpt, dtype=torch.float32)
     base_logits = ours(ids)
     assert _max_diff(expected, base_logits) > 1e-2
-    cfg = lora.load_peft_adapter(ours, tmp_path / "peft")
+    cfg = load_peft_adapter(ours, tmp_path / "peft")
     assert (cfg.r, cfg.alpha, cfg.use_rslora, cfg.dropout) == (8, 16.0, rslora, 0.1)
     assert "gate_proj" not in cfg.target_modules
     assert not isinstance(ours.model.layers[0].mlp.gate_proj, lora.LoraLinear)
@@ -164,30 +193,34 @@ def test_peft_adapter_loads_in_ours(ckpts, tmp_path, arch, rslora):
     alt.mkdir()
     shutil.copy(tmp_path / "peft" / "adapter_config.json", alt)
     save_file(in_memory, str(alt / "adapter_model.safetensors"))
-    lora.load_peft_adapter(ours2, alt, trainable=True)
+    load_peft_adapter(ours2, alt, trainable=True)
     assert len(lora.trainable_lora_parameters(ours2)) == 2 * 6 * 2
     assert _max_diff(ours2(ids), expected) <= ATOL
 
 
-def test_stage2_on_frozen_peft_stage1(ckpts, peft_dir):
+def test_stage2_on_frozen_peft_stage1(ckpts, peft_dir, tmp_path):
     """The paper's sequence: a stage-1 PEFT adapter loaded frozen, a fresh stage-2 adapter on top."""
     ckpt = ckpts["qwen2"]
     ours = em.from_pretrained(ckpt, dtype=torch.float32)
     ids = _ids(2, 9, seed=8)
-    lora.load_peft_adapter(ours, peft_dir)
+    load_peft_adapter(ours, peft_dir)
     with torch.no_grad():
         stage1 = ours(ids)
     lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0), seed=0)
-    assert lora.lora_levels(ours) == [0, 1]
+    assert _levels(ours) == [0, 1]
     trainable = {n for n, _ in lora.named_trainable_lora_parameters(ours)}
     assert trainable and all(".lora.1." in n for n in trainable)
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == trainable
     with torch.no_grad():
         assert _max_diff(ours(ids), stage1) <= ATOL  # stage 2 starts as a no-op (B = 0)
-    # Only stage 1 goes out as "the stage-1 adapter"; it round-trips exactly.
-    sd = lora.peft_state_dict(ours, adapter_index=0)
-    on_disk = load_file(peft_dir / "adapter_model.safetensors")
+    # Only stage 1 goes out as "the stage-1 adapter"; PEFT's file round-trips exactly.
+    again = _save(ours, tmp_path / "again", index=0)
+    sd, on_disk = load_file(again / "adapter_model.safetensors"), load_file(peft_dir / "adapter_model.safetensors")
     assert sd.keys() == on_disk.keys() and all(torch.equal(sd[k], on_disk[k]) for k in sd)
+    cfg, peft_cfg = (json.loads((d / "adapter_config.json").read_text()) for d in (again, peft_dir))
+    keys = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+    assert [cfg[k] for k in keys] == [peft_cfg[k] for k in keys]
+    assert sorted(cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,8 +234,8 @@ def test_init_matches_peft_scheme_and_is_deterministic(ckpts):
     config = LoraConfig(r=16, alpha=32.0)
 
     cpu = em.from_pretrained(ckpt, dtype=torch.float32)
-    lora.apply_lora(cpu, config)
-    names = lora.init_lora_(cpu, seed=7)
+    lora.apply_lora(cpu, config, seed=7)
+    names = [n for n, _ in lora.named_trainable_lora_parameters(cpu)]
     params = dict(cpu.named_parameters())
     assert len(names) == 2 * 7 * 2
 
@@ -230,7 +263,7 @@ def test_init_matches_peft_scheme_and_is_deterministic(ckpts):
 
     # Same seed -> same values; values independent of meta vs cpu and of target order.
     values = lora.lora_init_values(cpu, seed=7)
-    assert all(torch.equal(values[n], params[n]) for n in names)
+    assert values.keys() == set(names) and all(torch.equal(values[n], params[n]) for n in names)
     with torch.device("meta"):
         meta = em.CausalLM(args)
     lora.apply_lora(meta, LoraConfig(r=16, alpha=32.0, target_modules=tuple(reversed(config.target_modules))))
@@ -242,8 +275,9 @@ def test_init_matches_peft_scheme_and_is_deterministic(ckpts):
     meta_values = lora.lora_init_values(meta, seed=7)
     assert meta_values.keys() == values.keys()
     assert all(torch.equal(meta_values[n], values[n]) for n in values)
-    with pytest.raises(LoraError, match="meta"):
-        lora.init_lora_(meta, seed=7)
+    with pytest.raises(LoraError, match="meta device; leave seed out and copy lora_init_values"):
+        lora.apply_lora(meta, config, seed=7)
+    assert _levels(meta) == [0]  # a refused apply changes nothing
     # Different seed -> different values; different parameters never share values.
     other = lora.lora_init_values(cpu, seed=8)
     a0 = "model.layers.0.self_attn.q_proj.lora.0.A"
@@ -268,7 +302,7 @@ def test_meta_apply_then_load_by_name_then_init(ckpts):
         assert {n for n in params if not lora.is_lora_parameter_name(n)} == set(f.keys())
         for name in f.keys():
             params[name].copy_(f.get_tensor(name))
-    lora.init_lora_(model, seed=3)
+    _copy_init_values(model, seed=3)
     _randomise_B(cpu, seed=4)
     _randomise_B(model, seed=4)
     model.eval()
@@ -279,10 +313,10 @@ def test_meta_apply_then_load_by_name_then_init(ckpts):
 
 def test_uninitialised_adapter_is_loud(ckpts):
     ours = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
-    lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0))  # no seed, no init_lora_
+    lora.apply_lora(ours, LoraConfig(r=4, alpha=8.0))  # no seed, no values copied in
     with torch.no_grad():
         assert torch.isnan(ours(_ids(1, 5))).all()
-    lora.init_lora_(ours, seed=0)
+    _copy_init_values(ours, seed=0)
     with torch.no_grad():
         assert torch.isfinite(ours(_ids(1, 5))).all()
 
@@ -381,7 +415,7 @@ def test_stacking(ckpts, tmp_path):
     second = lora.apply_lora(ours, config2, seed=1)
     _randomise_B(ours, seed=2, level=1)
     assert len(first) == 14 and len(second) == 4
-    assert lora.lora_levels(ours) == [0, 1]
+    assert _levels(ours) == [0, 1]
     names = dict(ours.named_parameters())
     assert "model.layers.0.self_attn.q_proj.lora.1.A" in names
     assert "model.layers.0.self_attn.k_proj.lora.1.A" not in names
@@ -398,8 +432,8 @@ def test_stacking(ckpts, tmp_path):
     assert _max_diff(got, base) > 1e-2
 
     # Both levels exported as two PEFT adapters, both active in PEFT, give the same logits.
-    lora.save_peft_adapter(ours, tmp_path / "s1", None, str(ckpt), adapter_index=0)
-    lora.save_peft_adapter(ours, tmp_path / "s2", None, str(ckpt), adapter_index=-1)
+    _save(ours, tmp_path / "s1", str(ckpt), index=0)
+    _save(ours, tmp_path / "s2", str(ckpt), index=-1)
     assert json.loads((tmp_path / "s2" / "adapter_config.json").read_text())["r"] == 4
     pm = peft.PeftModel.from_pretrained(_hf(ckpt), tmp_path / "s1", adapter_name="s1")
     pm.load_adapter(tmp_path / "s2", adapter_name="s2")
@@ -530,8 +564,8 @@ def peft_dir(ckpts, tmp_path_factory):
     return path
 
 
-def _variant(peft_dir, tmp_path, config_update=None, drop_keys=(), add=None):
-    out = tmp_path / "variant"
+def _variant(peft_dir, tmp_path, config_update=None, drop_keys=(), add=None, name="variant"):
+    out = tmp_path / name
     out.mkdir()
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     cfg.update(config_update or {})
@@ -546,12 +580,13 @@ def test_shape_mismatch_adapter_is_refused(peft_dir):
     args = em.ModelArgs.from_hf_config({**_COMMON, "hidden_size": 32, "architectures": ["Qwen2ForCausalLM"]})
     small = em.CausalLM(args)
     with pytest.raises(LoraError) as err:
-        lora.load_peft_adapter(small, peft_dir)
+        load_peft_adapter(small, peft_dir)
     msg = str(err.value)
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    assert f"tensor '{key}' has shape (8, 64), expected (8, 32)" in msg
+    assert msg.startswith(f"cannot load PEFT adapter {peft_dir}:")
+    assert "model.layers.0.self_attn.q_proj: A has shape (8, 64), expected (8, 32)" in msg
+    assert "model.layers.1.mlp.down_proj: B has shape (64, 8), expected (32, 8)" in msg
     assert "different base model" in msg
-    assert lora.lora_levels(small) == []  # nothing was changed
+    assert _levels(small) == []  # nothing was changed
 
 
 def test_unknown_target_and_lm_head_refused(ckpts):
@@ -562,7 +597,7 @@ def test_unknown_target_and_lm_head_refused(ckpts):
         lora.apply_lora(model, LoraConfig(target_modules=("q_proj", "lm_head")))
     with pytest.raises(LoraError, match="positive integer"):
         LoraConfig(r=0)
-    assert lora.lora_levels(model) == []
+    assert _levels(model) == []
     assert all(p.requires_grad for p in model.parameters())  # a refused apply changes nothing
 
 
@@ -581,18 +616,67 @@ def test_unknown_target_and_lm_head_refused(ckpts):
 )
 def test_unsupported_peft_configs_refused(ckpts, peft_dir, tmp_path, update, message):
     model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
-    with pytest.raises(LoraError, match=message):
-        lora.load_peft_adapter(model, _variant(peft_dir, tmp_path, config_update=update))
-    assert lora.lora_levels(model) == []
+    with pytest.raises(LoraError, match=message) as err:
+        load_peft_adapter(model, _variant(peft_dir, tmp_path, config_update=update))
+    assert str(tmp_path / "variant") in str(err.value)  # the message names the adapter
+    assert _levels(model) == []
 
 
-def test_missing_and_unexpected_keys_refused(ckpts, peft_dir, tmp_path):
+def test_bad_tensors_refused(ckpts, peft_dir, tmp_path):
+    """Problems of the file itself (a lone lora_B, foreign tensors), then problems of fitting the
+    model (targeted modules without values, values for modules not targeted or absent): each
+    kind listed together, nothing changed."""
     model = em.from_pretrained(ckpts["qwen2"], dtype=torch.float32)
-    gone = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
-    extra = {"base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight": torch.zeros(8, HIDDEN)}
+    prefix = "base_model.model.model."
+    gone = f"{prefix}layers.1.mlp.up_proj.lora_A.weight"
+    foreign = {f"{prefix}norm.weight": torch.ones(HIDDEN)}
+    bad_file = _variant(peft_dir, tmp_path, drop_keys=(gone,), add=foreign, name="bad_file")
     with pytest.raises(LoraError) as err:
-        lora.load_peft_adapter(model, _variant(peft_dir, tmp_path, drop_keys=(gone,), add=extra))
+        load_peft_adapter(model, bad_file)
     msg = str(err.value)
-    assert f"lacks 1 tensor(s) its target_modules require:\n  {gone}" in msg
-    assert "gate_proj.lora_A.weight (not targeted by target_modules)" in msg
-    assert lora.lora_levels(model) == []
+    assert msg.startswith(f"{bad_file / 'adapter_model.safetensors'}:")
+    assert f"1 tensor(s) missing (each module needs lora_A and lora_B):\n  {gone}" in msg
+    assert f"{prefix}norm.weight (not a lora_A/lora_B weight)" in msg
+
+    pair = lambda module: {f"{prefix}{module}.lora_A.weight": torch.zeros(8, HIDDEN),  # noqa: E731
+                           f"{prefix}{module}.lora_B.weight": torch.zeros(HIDDEN, 8)}
+    dropped = tuple(f"{prefix}layers.1.mlp.up_proj.lora_{ab}.weight" for ab in "AB")
+    misfit = _variant(peft_dir, tmp_path, drop_keys=dropped, add=pair("layers.0.mlp.gate_proj") | pair("layers.5.mlp.up_proj"),
+                      name="misfit")
+    with pytest.raises(LoraError) as err:
+        load_peft_adapter(model, misfit)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot load PEFT adapter {misfit}:")
+    assert "no values for 1 module(s) that target_modules select:\n  model.layers.1.mlp.up_proj" in msg
+    assert "model.layers.0.mlp.gate_proj (not selected by target_modules)" in msg
+    assert "model.layers.5.mlp.up_proj (no such linear layer in the model)" in msg
+    assert _levels(model) == []
+
+
+def test_meta_model_load_with_values_out(ckpts, peft_dir):
+    """The trainer's stack_adapters path: a PEFT adapter added to a meta-device model, its values
+    copied in after materialising and loading the base: the same model as loading it directly."""
+    ckpt = ckpts["qwen2"]
+    direct = em.from_pretrained(ckpt, dtype=torch.float32)
+    load_peft_adapter(direct, peft_dir)
+    with torch.device("meta"):
+        model = em.CausalLM(direct.args)
+    with pytest.raises(LoraError, match="meta device; materialise it first"):
+        load_peft_adapter(model, peft_dir)
+    values = {}
+    load_peft_adapter(model, peft_dir, values_out=values)
+    assert model.model.layers[0].self_attn.q_proj.lora["0"].A.is_meta
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    with safe_open(ckpt / "model.safetensors", "pt") as f, torch.no_grad():
+        params = dict(model.named_parameters())
+        assert {n for n in params if lora.is_lora_parameter_name(n)} == values.keys()
+        for name in f.keys():
+            params[name].copy_(f.get_tensor(name))
+        for name, value in values.items():
+            assert value.dtype == torch.float32
+            params[name].copy_(value)
+    model.eval()
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        assert torch.equal(model(ids), direct(ids))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import lora, parallel
+from engine import lora, parallel, peft_format
 from engine.data import load_samples
 from engine.tokenizer import Tokenizer
 from engine.assemble import build_model, read_model_args
@@ -256,7 +256,7 @@ def test_merge_cli_equals_stacked_adapter(setup, full_run, tmp_path):
                        "--dtype", "float32"]) == 0
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     stacked = from_pretrained(ckpt, dtype=torch.float32)
-    lora.load_peft_adapter(stacked, full_run / "adapter")
+    peft_format.load_peft_adapter(stacked, full_run / "adapter")
     merged = from_pretrained(out, dtype=torch.float32)
     ids = torch.randint(0, 565, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
