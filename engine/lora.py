@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import PROJECTIONS, train_default
 from engine.errors import LoraError
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # One adapter level's values: module name -> (A (r, in_features), B (out_features, r)).
 AdapterWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -72,18 +72,18 @@ _MAX_LISTED = 20
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """One adapter's hyper-parameters. Defaults are the paper's setting (r 32, alpha 64, rsLoRA,
-    all attention and MLP projections).
+    """One adapter's hyper-parameters. Defaults are the trainer's, i.e. the paper's setting (r 32,
+    alpha 64, rsLoRA, no dropout, all seven projections: `engine.config.TrainConfig`).
 
     ``target_modules`` follows PEFT's matching: a module is targeted when its full name equals an
     entry or ends with ``"." + entry`` (so ``"q_proj"`` and ``"self_attn.q_proj"`` both work).
     """
 
-    r: int = 32
-    alpha: float = 64.0
-    dropout: float = 0.0
-    use_rslora: bool = True
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
+    r: int = train_default("lora_r")
+    alpha: float = train_default("lora_alpha")
+    dropout: float = train_default("lora_dropout")
+    use_rslora: bool = train_default("use_rslora")
+    target_modules: tuple[str, ...] = field(default=PROJECTIONS)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -557,7 +557,6 @@ def merge_lora_(model: nn.Module) -> list[str]:
 
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES",
     "AdapterWeights",
     "LoraAdapter",
     "LoraConfig",

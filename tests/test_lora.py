@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import engine.lora as lora
 import engine.models as em
+from engine.config import PROJECTIONS
 from engine.lora import LoraConfig, LoraError
 from engine.peft_format import load_peft_adapter, write_peft_adapter
 from tests.tiny import HF_COMMON, HF_VOCAB, hf_checkpoints
@@ -112,7 +113,7 @@ def test_our_adapter_loads_in_peft(ckpts, tmp_path, arch, rslora):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["lora_dropout"]) == (8, 16, rslora, 0.05)
-    assert sorted(cfg["target_modules"]) == sorted(lora.DEFAULT_TARGET_MODULES)
+    assert sorted(cfg["target_modules"]) == sorted(PROJECTIONS)
     assert cfg["base_model_name_or_path"] == str(ckpt)
     assert not any(p.name.startswith(".") for p in out.iterdir()), "temporary files left behind"
 
