@@ -77,16 +77,18 @@ def paper_lora(tiny: bool) -> lora.LoraConfig:
                            use_rslora=train_default("use_rslora"), target_modules=tuple(train_default("lora_targets")))
 
 
-def build(opts, device: torch.device, checkpointed_layers: int | None, sharded: bool) -> CausalLM:
+def build(preset: str, layers: int, dtype: torch.dtype, device: torch.device, *, tiny: bool,
+          activation_checkpointing: bool, checkpointed_layers: int | None = None, compile: bool = False,
+          fsdp: bool = False) -> CausalLM:
     """Our model exactly as the trainer assembles it (`engine.assemble.build_model`: activation
-    checkpointing of the first `checkpointed_layers` layers, compile, FSDP2 or replicate) with
-    the paper's adapter, random N(0, 0.02) weights (adapters' B too, so that no product is
-    trivially zero)."""
-    args = ModelArgs.from_hf_config(model_config(opts.preset, opts.layers, opts.tiny))
-    layout = Layout(checkpointed_layers=checkpointed_layers, compile=opts.compile,
-                    data_parallel="fsdp" if sharded else "replicate")
-    model = build_model(args, dtype=torch_dtype(opts.dtype), device=device, weights=None, layout=layout,
-                        new_adapter=paper_lora(opts.tiny), seed=0)
+    checkpointing of the first `checkpointed_layers` layers (None: all), compile, FSDP2 or
+    replicated) with the paper's adapter and random N(0, 0.02) weights (adapters' B too, so that
+    no product is trivially zero)."""
+    args = ModelArgs.from_hf_config(model_config(preset, layers, tiny))
+    layout = Layout(checkpointed_layers=checkpointed_layers if activation_checkpointing else 0, compile=compile,
+                    data_parallel="fsdp" if fsdp else "replicate")
+    model = build_model(args, dtype=dtype, device=device, weights=None, layout=layout, new_adapter=paper_lora(tiny),
+                        seed=0)
     with torch.no_grad():
         for _, p in lora.named_trainable_lora_parameters(model):
             p.normal_(0.0, INIT_STD)
@@ -291,7 +293,9 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
             k = memory.fewest_checkpointed_layers(args, available, **common) if available else None
         n_ckpt = args.num_hidden_layers if k is None else k
         est = memory.estimate(args, activation_checkpointing=True, checkpointed_layers=n_ckpt, **common)["total"]
-        model = build(opts, device, k, sharded)  # afresh per engine: each row times the trainer's assembly
+        # Afresh per engine: each row times the model as the trainer assembles it.
+        model = build(opts.preset, opts.layers, torch_dtype(opts.dtype), device, tiny=opts.tiny,
+                      activation_checkpointing=True, checkpointed_layers=k, compile=opts.compile, fsdp=sharded)
         params = lora.trainable_lora_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=train_default("lr"), weight_decay=train_default("weight_decay"))
 

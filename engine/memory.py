@@ -7,8 +7,8 @@ adapters and their AdamW state (fp32, sharded), activations per token, a backwar
 and the loss (the fused cross-entropy holds one (rows × vocab) chunk of logits plus d_hidden).
 
 The activation term is what autograd saves, counted exactly from the model's code on the Triton
-path (``tests/test_memory.py`` checks it against the tensors a real step saves): per token and
-decoder layer run without recomputation (``engine/models/lean.py``)
+path (``tests/test_saved_tensors.py`` checks it against the tensors a real step saves): per token and
+decoder layer run without recomputation (``engine/models/saved_tensors.py``)
 
     2h (the two norms' inputs) + 2q + 2kv (attention's q, k, v and output) + 2i (gate, up)
     + r per adapted projection (x·Aᵀ), in the compute dtype, plus fp32 log-sum-exp per head and

@@ -13,7 +13,11 @@ Four layers, as in flash-attention's Triton files:
    ``_attn_bwd_dkdv_kernel`` and ``_attn_bwd_dq_kernel``;
 2. host functions ``attention_forward`` / ``attention_backward`` (checks, grids, block sizes);
 3. ``FlashAttentionFunction`` (torch.autograd.Function);
-4. ``flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, dropout_p)``.
+4. ``flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, dropout_p)``, and
+   ``attention(q, k, v, *, cu_seqlens, dropout_p, scale)``, the dispatch point the model calls in
+   its (batch, seq, heads, head_dim) layout: the kernels when ``kernels.backend.use_triton(q, k,
+   v)`` (by default: CUDA tensors), else ``attention_sdpa``, the torch path built on
+   ``F.scaled_dot_product_attention`` (the call transformers' "sdpa" attention makes).
 
 ``attention_ref`` (per-sample explicit softmax, fp32 by default) is the oracle the tests compare
 against.
@@ -66,383 +70,380 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
-from kernels.backend import launchable
+from kernels.backend import launchable, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path (attention_sdpa) still works
+    triton = None
 
 LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # the kernels' copy: Triton globals must be constexpr
 
 # --- 1. kernels ------------------------------------------------------------------------------
 
+if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)  # the kernels' copy: Triton globals must be constexpr
 
-@triton.jit
-def _load_rows(ptrs, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile; zero past the head dim and (if CHECK_ROWS) where not rows_ok."""
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    @triton.jit
+    def _load_rows(ptrs, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+        """Load a (rows, BLOCK_D) tile; zero past the head dim and (if CHECK_ROWS) where not rows_ok."""
+        if CHECK_ROWS:
+            if BLOCK_D == HEAD_DIM:
+                x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+            else:
+                x = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         else:
-            x = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    else:
+            if BLOCK_D == HEAD_DIM:
+                x = tl.load(ptrs)
+            else:
+                x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        return x
+
+    @triton.jit
+    def _store_rows(ptrs, x, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs)
+            tl.store(ptrs, x, mask=rows_ok[:, None])
         else:
-            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    return x
+            tl.store(ptrs, x, mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
+    @triton.jit
+    def _dropout_keep(seed, head_row, col, total_tokens, dropout_p):
+        """Keep mask for rows head_row = h·T + token (int64) and sample-local key indices col."""
+        return tl.rand(seed, head_row * total_tokens + col) >= dropout_p
 
-@triton.jit
-def _store_rows(ptrs, x, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if BLOCK_D == HEAD_DIM:
-        tl.store(ptrs, x, mask=rows_ok[:, None])
-    else:
-        tl.store(ptrs, x, mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    @triton.jit
+    def _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+        lo, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        """KV blocks [lo, hi) for one query block; k_ptrs/v_ptrs point at key lo. MASKED applies the
+        length mask (and the causal one if CAUSAL); unmasked blocks must lie fully inside the sample and
+        left of the diagonal."""
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            k = _load_rows(k_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
+            if MASKED:
+                visible = cols[None, :] < seqlen
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= offs_m[:, None])
+                qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser uses the undropped p
+            acc = acc * alpha[:, None]
+            if DROPOUT:
+                keep = _dropout_keep(seed, head_rows[:, None], cols[None, :], total_tokens, dropout_p)
+                p = tl.where(keep, p, 0.0)
+            v = _load_rows(v_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            m_i = m_new
+            k_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
+        return acc, l_i, m_i
 
+    @triton.jit(do_not_specialize=["seed"])
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, CU_SEQLENS,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+        total_tokens, qk_scale, dropout_p, seed,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        seq_start = tl.load(CU_SEQLENS + seq)
+        seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+        start_m = m_block * BLOCK_M
+        if start_m >= seqlen:
+            return
+        start = seq_start.to(tl.int64)  # int64 token offsets: total_tokens · stride may pass 2**31
+        kv_head = head // GROUP
 
-@triton.jit
-def _dropout_keep(seed, head_row, col, total_tokens, dropout_p):
-    """Keep mask for rows head_row = h·T + token (int64) and sample-local key indices col."""
-    return tl.rand(seed, head_row * total_tokens + col) >= dropout_p
-
-
-@triton.jit
-def _attn_fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-    lo, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """KV blocks [lo, hi) for one query block; k_ptrs/v_ptrs point at key lo. MASKED applies the
-    length mask (and the causal one if CAUSAL); unmasked blocks must lie fully inside the sample and
-    left of the diagonal."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
-        if MASKED:
-            visible = cols[None, :] < seqlen
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser uses the undropped p
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _dropout_keep(seed, head_rows[:, None], cols[None, :], total_tokens, dropout_p)
-            p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    return acc, l_i, m_i
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    total_tokens, qk_scale, dropout_p, seed,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
-    start_m = m_block * BLOCK_M
-    if start_m >= seqlen:
-        return
-    start = seq_start.to(tl.int64)  # int64 token offsets: total_tokens · stride may pass 2**31
-    kv_head = head // GROUP
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_ok = offs_m < seqlen
-    q = _load_rows(Q + (start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
-                   rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    k_ptrs = K + (start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :]
-    v_ptrs = V + (start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :]
-    head_rows = head.to(tl.int64) * total_tokens + start + offs_m  # dropout RNG rows (int64)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if CAUSAL:
-        # Left of the diagonal: every key < start_m is visible to every row, no mask.
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-            0, start_m, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        # The diagonal blocks, causal + length masks. Nothing right of them is visited.
-        hi = tl.minimum(start_m + BLOCK_M, seqlen)
-        skip = start_m.to(tl.int64)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
-            start_m, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-    else:
-        full = (seqlen // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-            0, full, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        skip = full.to(tl.int64)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
-            full, seqlen, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-
-    # Every row (padding rows past seqlen included) saw key 0, so l_i > 0 and m_i is finite.
-    out = acc / l_i[:, None]
-    if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
-    lse = (m_i + tl.log2(l_i)) * (1.0 / _LOG2E)  # natural log, as flash-attention's softmax_lse
-    tl.store(LSE + head.to(tl.int64) * stride_lh + start + offs_m, lse, mask=rows_ok)
-    _store_rows(O + (start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :],
-                out.to(O.dtype.element_ty), rows_ok, offs_d, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def _attn_bwd_preprocess(
-    O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh, total_tokens,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """delta[h, t] = sum_d dO[t, h, d] · O[t, h, d] in fp32 (O is the dropped-out output)."""
-    head = tl.program_id(1)
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = offs_t < total_tokens
-    o = _load_rows(O + offs_t[:, None] * stride_ot + head * stride_oh + offs_d[None, :], ok, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + offs_t[:, None] * stride_dot + head * stride_doh + offs_d[None, :], ok, offs_d,
-                    HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head.to(tl.int64) * stride_dh + offs_t, delta, mask=ok)
-
-
-@triton.jit
-def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-    start, kv_head, lo, n_blocks, offs_n, offs_d, seqlen, total_tokens, qk_scale, dropout_p, seed,
-    GROUP: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """The query blocks lo + [0, n_blocks) · BLOCK_M of each of the GROUP query heads of kv_head
-    against one KV block, in transposed form (keys on rows). One flat loop over (head, block) so
-    the software pipeline runs across heads and the register footprint is that of one head.
-    Query rows past seqlen load as zeros (q = dO = 0, lse = delta = 0): they contribute exactly 0."""
-    offs_m0 = tl.arange(0, BLOCK_M)
-    for it in range(0, GROUP * n_blocks):
-        g = it // n_blocks
-        head = kv_head * GROUP + g
-        head64 = head.to(tl.int64)  # head · total_tokens may pass 2**31
-        rows = lo + (it - g * n_blocks) * BLOCK_M + offs_m0
-        rows_ok = rows < seqlen
-        tok = start + rows  # int64
-        q = _load_rows(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows_ok = offs_m < seqlen
+        q = _load_rows(Q + (start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
                        rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-        do = _load_rows(DO + tok[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                        rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(LSE + head64 * stride_lh + tok, mask=rows_ok, other=0.0) * _LOG2E
-        delta = tl.load(DELTA + head64 * stride_lh + tok, mask=rows_ok, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
-        if CAUSAL_MASK:
-            pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dP of the dropped probabilities
-        if DROPOUT:
-            keep = _dropout_keep(seed, head64 * total_tokens + tok[None, :], offs_n[:, None], total_tokens, dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            pT_used = tl.where(keep, pT * inv_keep, 0.0)
-            dpT = tl.where(keep, dpT * inv_keep, 0.0)
+        k_ptrs = K + (start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :]
+        v_ptrs = V + (start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :]
+        head_rows = head.to(tl.int64) * total_tokens + start + offs_m  # dropout RNG rows (int64)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        if CAUSAL:
+            # Left of the diagonal: every key < start_m is visible to every row, no mask.
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                0, start_m, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            # The diagonal blocks, causal + length masks. Nothing right of them is visited.
+            hi = tl.minimum(start_m + BLOCK_M, seqlen)
+            skip = start_m.to(tl.int64)
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
+                start_m, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         else:
-            pT_used = pT
-        dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
+            full = (seqlen // BLOCK_N) * BLOCK_N
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                0, full, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            skip = full.to(tl.int64)
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
+                full, seqlen, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
-
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-    total_tokens, qk_scale, sm_scale, dropout_p, seed,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    n_block = tl.program_id(0)  # early key blocks have the most query blocks: they start first
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
-    start_n = n_block * BLOCK_N
-    if start_n >= seqlen:
-        return
-    start = seq_start.to(tl.int64)
-
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    cols_ok = offs_n < seqlen
-    k = _load_rows(K + (start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                   cols_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + (start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                   cols_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # The GROUP query heads that share this KV head are summed in registers (no atomics, no
-    # repeated K/V, no per-query-head dK/dV buffer).
-    n_blocks_total = tl.cdiv(seqlen, BLOCK_M)
-    if CAUSAL:
-        # Queries before start_n see none of these keys. The diagonal query blocks
-        # [start_n, start_n + BLOCK_N) need the causal mask; those after it see every key.
-        first = start_n // BLOCK_M
-        n_diag = tl.minimum(BLOCK_N // BLOCK_M, n_blocks_total - first)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-            start, kv_head, start_n, n_diag, offs_n, offs_d, seqlen, total_tokens, qk_scale, dropout_p, seed,
-            GROUP, True, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-            start, kv_head, start_n + BLOCK_N, n_blocks_total - first - n_diag, offs_n, offs_d, seqlen,
-            total_tokens, qk_scale, dropout_p, seed,
-            GROUP, False, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-    else:
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-            start, kv_head, 0, n_blocks_total, offs_n, offs_d, seqlen, total_tokens, qk_scale, dropout_p, seed,
-            GROUP, False, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-
-    dk = dk * sm_scale
-    _store_rows(DK + (start + offs_n[:, None]) * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-                dk.to(DK.dtype.element_ty), cols_ok, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + (start + offs_n[:, None]) * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-                dv.to(DV.dtype.element_ty), cols_ok, offs_d, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-    lo, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        p = tl.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            visible = cols[None, :] < seqlen
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        # Every row (padding rows past seqlen included) saw key 0, so l_i > 0 and m_i is finite.
+        out = acc / l_i[:, None]
         if DROPOUT:
+            out = out * (1.0 / (1.0 - dropout_p))
+        lse = (m_i + tl.log2(l_i)) * (1.0 / _LOG2E)  # natural log, as flash-attention's softmax_lse
+        tl.store(LSE + head.to(tl.int64) * stride_lh + start + offs_m, lse, mask=rows_ok)
+        _store_rows(O + (start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :],
+                    out.to(O.dtype.element_ty), rows_ok, offs_d, HEAD_DIM, BLOCK_D)
+
+    @triton.jit
+    def _attn_bwd_preprocess(
+        O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh, total_tokens,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        """delta[h, t] = sum_d dO[t, h, d] · O[t, h, d] in fp32 (O is the dropped-out output)."""
+        head = tl.program_id(1)
+        offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = offs_t < total_tokens
+        o = _load_rows(O + offs_t[:, None] * stride_ot + head * stride_oh + offs_d[None, :], ok, offs_d,
+                       HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(DO + offs_t[:, None] * stride_dot + head * stride_doh + offs_d[None, :], ok, offs_d,
+                        HEAD_DIM, BLOCK_D, True)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + head.to(tl.int64) * stride_dh + offs_t, delta, mask=ok)
+
+    @triton.jit
+    def _attn_bwd_dkdv_inner(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+        start, kv_head, lo, n_blocks, offs_n, offs_d, seqlen, total_tokens, qk_scale, dropout_p, seed,
+        GROUP: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        """The query blocks lo + [0, n_blocks) · BLOCK_M of each of the GROUP query heads of kv_head
+        against one KV block, in transposed form (keys on rows). One flat loop over (head, block) so
+        the software pipeline runs across heads and the register footprint is that of one head.
+        Query rows past seqlen load as zeros (q = dO = 0, lse = delta = 0): they contribute exactly 0."""
+        offs_m0 = tl.arange(0, BLOCK_M)
+        for it in range(0, GROUP * n_blocks):
+            g = it // n_blocks
+            head = kv_head * GROUP + g
+            head64 = head.to(tl.int64)  # head · total_tokens may pass 2**31
+            rows = lo + (it - g * n_blocks) * BLOCK_M + offs_m0
+            rows_ok = rows < seqlen
+            tok = start + rows  # int64
+            q = _load_rows(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                           rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+            do = _load_rows(DO + tok[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                            rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+            lse2 = tl.load(LSE + head64 * stride_lh + tok, mask=rows_ok, other=0.0) * _LOG2E
+            delta = tl.load(DELTA + head64 * stride_lh + tok, mask=rows_ok, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+            if CAUSAL_MASK:
+                pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dP of the dropped probabilities
+            if DROPOUT:
+                keep = _dropout_keep(seed, head64 * total_tokens + tok[None, :], offs_n[:, None], total_tokens,
+                                     dropout_p)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                pT_used = tl.where(keep, pT * inv_keep, 0.0)
+                dpT = tl.where(keep, dpT * inv_keep, 0.0)
+            else:
+                pT_used = pT
+            dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        return dk, dv
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        total_tokens, qk_scale, sm_scale, dropout_p, seed,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        n_block = tl.program_id(0)  # early key blocks have the most query blocks: they start first
+        seq = tl.program_id(1)
+        kv_head = tl.program_id(2)
+        seq_start = tl.load(CU_SEQLENS + seq)
+        seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+        start_n = n_block * BLOCK_N
+        if start_n >= seqlen:
+            return
+        start = seq_start.to(tl.int64)
+
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        cols_ok = offs_n < seqlen
+        k = _load_rows(K + (start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                       cols_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+        v = _load_rows(V + (start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                       cols_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        # The GROUP query heads that share this KV head are summed in registers (no atomics, no
+        # repeated K/V, no per-query-head dK/dV buffer).
+        n_blocks_total = tl.cdiv(seqlen, BLOCK_M)
+        if CAUSAL:
+            # Queries before start_n see none of these keys. The diagonal query blocks
+            # [start_n, start_n + BLOCK_N) need the causal mask; those after it see every key.
+            first = start_n // BLOCK_M
+            n_diag = tl.minimum(BLOCK_N // BLOCK_M, n_blocks_total - first)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+                start, kv_head, start_n, n_diag, offs_n, offs_d, seqlen, total_tokens, qk_scale, dropout_p, seed,
+                GROUP, True, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+                start, kv_head, start_n + BLOCK_N, n_blocks_total - first - n_diag, offs_n, offs_d, seqlen,
+                total_tokens, qk_scale, dropout_p, seed,
+                GROUP, False, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+                start, kv_head, 0, n_blocks_total, offs_n, offs_d, seqlen, total_tokens, qk_scale, dropout_p, seed,
+                GROUP, False, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+
+        dk = dk * sm_scale
+        _store_rows(DK + (start + offs_n[:, None]) * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                    dk.to(DK.dtype.element_ty), cols_ok, offs_d, HEAD_DIM, BLOCK_D)
+        _store_rows(DV + (start + offs_n[:, None]) * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                    dv.to(DV.dtype.element_ty), cols_ok, offs_d, HEAD_DIM, BLOCK_D)
+
+    @triton.jit
+    def _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+        lo, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            k = _load_rows(k_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            v = _load_rows(v_ptrs, cols < seqlen, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            p = tl.exp2(qk * qk_scale - lse2[:, None])
+            if MASKED:
+                visible = cols[None, :] < seqlen
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= offs_m[:, None])
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if DROPOUT:
+                keep = _dropout_keep(seed, head_rows[:, None], cols[None, :], total_tokens, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            k_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
+        return dq
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_lh,
+        total_tokens, qk_scale, sm_scale, dropout_p, seed,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        seq_start = tl.load(CU_SEQLENS + seq)
+        seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+        start_m = m_block * BLOCK_M
+        if start_m >= seqlen:
+            return
+        start = seq_start.to(tl.int64)
+        kv_head = head // GROUP
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows_ok = offs_m < seqlen
+        q = _load_rows(Q + (start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
+                       rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(DO + (start + offs_m[:, None]) * stride_dot + head * stride_doh + offs_d[None, :],
+                        rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(LSE + head.to(tl.int64) * stride_lh + start + offs_m, mask=rows_ok, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + head.to(tl.int64) * stride_lh + start + offs_m, mask=rows_ok, other=0.0)
+        k_ptrs = K + (start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :]
+        v_ptrs = V + (start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :]
+        head_rows = head.to(tl.int64) * total_tokens + start + offs_m
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if CAUSAL:
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                0, start_m, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            hi = tl.minimum(start_m + BLOCK_M, seqlen)
+            skip = start_m.to(tl.int64)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
+                start_m, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        else:
+            full = (seqlen // BLOCK_N) * BLOCK_N
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                0, full, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            skip = full.to(tl.int64)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
+                full, seqlen, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
+                True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+
+        dq = dq * sm_scale
+        _store_rows(DQ + (start + offs_m[:, None]) * stride_dqt + head * stride_dqh + offs_d[None, :],
+                    dq.to(DQ.dtype.element_ty), rows_ok, offs_d, HEAD_DIM, BLOCK_D)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _dropout_mask_kernel(
+        MASK, CU_SEQLENS, stride_mh, stride_mt, total_tokens, dropout_p, seed,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Test helper: MASK[h, t, j] = keep bit of (head h, token t, key j of t's sample), j < seqlen."""
+        m_block = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        seq_start = tl.load(CU_SEQLENS + seq)
+        seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+        start = seq_start.to(tl.int64)
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        head_rows = head.to(tl.int64) * total_tokens + start + offs_m
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
             keep = _dropout_keep(seed, head_rows[:, None], cols[None, :], total_tokens, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    return dq
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh, stride_lh,
-    total_tokens, qk_scale, sm_scale, dropout_p, seed,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
-    start_m = m_block * BLOCK_M
-    if start_m >= seqlen:
-        return
-    start = seq_start.to(tl.int64)
-    kv_head = head // GROUP
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_ok = offs_m < seqlen
-    q = _load_rows(Q + (start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
-                   rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + (start + offs_m[:, None]) * stride_dot + head * stride_doh + offs_d[None, :],
-                    rows_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    lse2 = tl.load(LSE + head.to(tl.int64) * stride_lh + start + offs_m, mask=rows_ok, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + head.to(tl.int64) * stride_lh + start + offs_m, mask=rows_ok, other=0.0)
-    k_ptrs = K + (start + offs_n[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :]
-    v_ptrs = V + (start + offs_n[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :]
-    head_rows = head.to(tl.int64) * total_tokens + start + offs_m
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-            0, start_m, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        hi = tl.minimum(start_m + BLOCK_M, seqlen)
-        skip = start_m.to(tl.int64)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
-            start_m, hi, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-    else:
-        full = (seqlen // BLOCK_N) * BLOCK_N
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-            0, full, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        skip = full.to(tl.int64)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs + skip * stride_kt, v_ptrs + skip * stride_vt, stride_kt, stride_vt,
-            full, seqlen, offs_m, offs_n, offs_d, seqlen, head_rows, total_tokens, qk_scale, dropout_p, seed,
-            True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-
-    dq = dq * sm_scale
-    _store_rows(DQ + (start + offs_m[:, None]) * stride_dqt + head * stride_dqh + offs_d[None, :],
-                dq.to(DQ.dtype.element_ty), rows_ok, offs_d, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(
-    MASK, CU_SEQLENS, stride_mh, stride_mt, total_tokens, dropout_p, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Test helper: MASK[h, t, j] = keep bit of (head h, token t, key j of t's sample), j < seqlen."""
-    m_block = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
-    start = seq_start.to(tl.int64)
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    head_rows = head.to(tl.int64) * total_tokens + start + offs_m
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, head_rows[:, None], cols[None, :], total_tokens, dropout_p)
-        ptrs = MASK + head.to(tl.int64) * stride_mh + (start + offs_m[:, None]) * stride_mt + cols[None, :]
-        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen) & (cols[None, :] < seqlen))
+            ptrs = MASK + head.to(tl.int64) * stride_mh + (start + offs_m[:, None]) * stride_mt + cols[None, :]
+            tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen) & (cols[None, :] < seqlen))
 
 
 # --- 2. host functions -----------------------------------------------------------------------
@@ -701,7 +702,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-# --- 4. functional API -----------------------------------------------------------------------
+# --- 4. functional API and the model's dispatch point ------------------------------------------
 
 
 def flash_attention_varlen(
@@ -727,7 +728,125 @@ def flash_attention_varlen(
     return FlashAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, float(dropout_p), config)
 
 
-# --- oracle ----------------------------------------------------------------------------------
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal grouped-query attention in the model's layout; the dispatch point.
+
+    q: (batch, seq, n_heads, head_dim); k, v: (batch, seq, n_kv_heads, head_dim), where n_heads is
+    a multiple of n_kv_heads (query head h reads KV head h // (n_heads // n_kv_heads), as HF's
+    repeat_kv). Returns (batch, seq, n_heads, head_dim). ``dropout_p`` applies to the attention
+    probabilities; callers pass 0.0 outside training.
+
+    Padding-free packing: with ``cu_seqlens`` (int tensor (num_samples + 1,), rising from 0 to
+    seq), batch must be 1 and the row holds samples back to back; attention never crosses their
+    boundaries (the caller restarts positions at each: ``engine.models.positions``). A packed row
+    is already the kernels' varlen layout, one reshape away.
+
+    The kernels when ``kernels.backend.use_triton(q, k, v)``, else :func:`attention_sdpa`.
+    """
+    if use_triton(q, k, v):
+        return _flash_attention(q, k, v, cu_seqlens=cu_seqlens, dropout_p=dropout_p, scale=scale)
+    return attention_sdpa(q, k, v, cu_seqlens=cu_seqlens, dropout_p=dropout_p, scale=scale)
+
+
+@torch.compiler.disable  # a graph break under torch.compile: the kernels launch eagerly
+def _flash_attention(q, k, v, *, cu_seqlens, dropout_p, scale):
+    """The kernels over (total_tokens, heads, head_dim): a packed row is already one; a plain
+    batch becomes b samples of s tokens."""
+    b, s, n_heads, d = q.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+        max_seqlen = s
+    else:
+        cu_seqlens, max_seqlen = _varlen_bounds(cu_seqlens, batch=b, seq=s, device=q.device)
+    out = flash_attention_varlen(
+        q.reshape(b * s, n_heads, d),
+        k.reshape(b * s, k.shape[2], d),
+        v.reshape(b * s, v.shape[2], d),
+        cu_seqlens,
+        max_seqlen,
+        causal=True,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
+    return out.view(b, s, n_heads, d)
+
+
+# (cu_seqlens, its version, row length, device) -> (int32 cu_seqlens on device, longest sample).
+# Every layer of a step gets the same cu_seqlens tensor: validating it and finding the longest
+# sample reads it on the host, so do that once per step rather than once per layer.
+_bounds_cache: tuple | None = None
+
+
+def _varlen_bounds(
+    cu_seqlens: torch.Tensor, *, batch: int, seq: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    global _bounds_cache
+    key = (cu_seqlens._version, seq, device)
+    cached = _bounds_cache
+    if cached is not None and cached[0] is cu_seqlens and cached[1] == key:
+        return cached[2], cached[3]
+    bounds = _check_cu_seqlens(cu_seqlens, batch=batch, seq=seq)
+    max_seqlen = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    cu32 = cu_seqlens.to(device=device, dtype=torch.int32)
+    _bounds_cache = (cu_seqlens, key, cu32, max_seqlen)
+    return cu32, max_seqlen
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, *, batch: int, seq: int) -> list[int]:
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs a single packed row (batch 1), got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the row length {seq}, got {bounds}")
+    return bounds
+
+
+# --- the torch path and the oracle -------------------------------------------------------------
+
+
+def attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`attention` in torch: ``F.scaled_dot_product_attention``, as transformers' "sdpa"
+    path calls it; a packed row runs one causal SDPA per sample."""
+    gqa = q.shape[2] != k.shape[2]
+    # SDPA wants (batch, heads, seq, head_dim).
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+
+    if cu_seqlens is None:
+        out = sdpa(q, k, v)
+    else:
+        bounds = _check_cu_seqlens(cu_seqlens, batch=q.shape[0], seq=q.shape[2])
+        # A block-diagonal causal mask without materialising the (total, total) mask. Empty
+        # samples contribute nothing.
+        out = torch.cat(
+            [sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s],
+            dim=2,
+        )
+    return out.transpose(1, 2)
+
+
 
 
 def attention_ref(
@@ -769,7 +888,7 @@ def attention_ref(
         if dropout_mask is not None:
             probs = probs * dropout_mask[:, s:e, : e - s].to(probs.dtype) / (1.0 - dropout_p)
         elif dropout_p > 0:
-            probs = torch.nn.functional.dropout(probs, p=dropout_p)
+            probs = F.dropout(probs, p=dropout_p)
         outs.append((probs @ vs).transpose(0, 1))
     if not outs:
         return q.new_zeros(q.shape).to(dtype)

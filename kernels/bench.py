@@ -199,22 +199,20 @@ def run_elementwise(args) -> list[dict]:
     autograd's backward), the Triton kernels, and Liger-Kernel's (norm, SwiGLU) when it imports.
     The figure of merit is memory bandwidth: GB/s counts the bytes an ideal fused pass moves
     (norm: x, y, dy, x, dx; SwiGLU: gate, up, m, dm, gate, up, d gate, d up; RoPE: x, y, dy, dx)."""
-    from engine.models.lean import rms_norm, swiglu
+    from kernels.rms_norm import rms_norm, rms_norm_ref
+    from kernels.rope import rope, rope_ref
+    from kernels.swiglu import swiglu, swiglu_ref
 
     device = torch.device("cpu" if args.reference_only else "cuda")
     dtype = torch.float32 if args.reference_only else torch.bfloat16
     g = torch.Generator().manual_seed(0)
     rows = []
 
-    def hf_norm(x, w):
-        x32 = x.to(torch.float32)
-        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-
     cases = []
     shape = NORM_SMALL if args.reference_only else NORM_FULL
     x = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(shape[1], generator=g)).to(device, dtype)
-    impls = {"torch op by op": lambda: hf_norm(x, w)}
+    impls = {"torch op by op": lambda: rms_norm_ref(x, w, 1e-6)}
     if not args.reference_only:
         impls["rmsnorm triton"] = lambda: rms_norm(x, w, 1e-6)
         try:
@@ -229,7 +227,7 @@ def run_elementwise(args) -> list[dict]:
     shape = SWIGLU_SMALL if args.reference_only else SWIGLU_FULL
     gate = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
     up = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
-    impls = {"torch op by op": lambda: F.silu(gate) * up}
+    impls = {"torch op by op": lambda: swiglu_ref(gate, up)}
     if not args.reference_only:
         impls["swiglu triton"] = lambda: swiglu(gate, up)
         try:
@@ -247,16 +245,9 @@ def run_elementwise(args) -> list[dict]:
     emb = torch.cat([torch.arange(tokens, dtype=torch.float32)[:, None] * inv_freq[None, :]] * 2, dim=-1)
     cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 
-    def hf_rope():
-        half = d // 2
-        rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
-        return q * cos[:, None] + rotated * sin[:, None]
-
-    impls = {"torch op by op": hf_rope}
+    impls = {"torch op by op": lambda: rope_ref(q[None], cos[None], sin[None])[0]}  # as (1, tokens, heads, d)
     if not args.reference_only:
-        from engine.models.lean import rotary
-
-        impls["rope triton"] = lambda: rotary(q[None], cos[None], sin[None])[0]
+        impls["rope triton"] = lambda: rope(q[None], cos[None], sin[None])[0]
     cases.append(("rope", f"RoPE on q {tokens}×{heads}×{d} {str(dtype).removeprefix('torch.')}, fwd+bwd",
                   impls, (q,), 4 * q.numel() * q.element_size()))
 

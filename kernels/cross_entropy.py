@@ -12,7 +12,7 @@ losses). Four layers, top to bottom in this file as in Liger-Kernel / flash-atte
    ``kernels.backend.use_triton(hidden, weight)`` (by default: CUDA tensors), else the pure-torch
    reference ``linear_cross_entropy_ref``, which is also the tests' oracle and the CPU path.
 
-Design (Triton path). Rows whose target is ``ignore_index`` cost nothing: the trained rows are
+Design (Triton path). Rows whose target is ``IGNORE_INDEX`` cost nothing: the trained rows are
 gathered first (``index_select``; skipped when every row is trained), so the work scales with
 trained tokens — for the paper's self-recognition data (~2 trained tokens of ~700) that is most of
 it. The N trained rows are processed in chunks of C rows; per chunk:
@@ -21,10 +21,10 @@ it. The N trained rows are processed in chunks of C rows; per chunk:
                                  activation dtype into one reused (C, V) buffer — the same
                                  rounding as the reference and as HF (bf16 logits, then fp32 loss)
     _lce_rows_kernel             one program per row: pass 1 streams the row in BLOCK_V blocks
-                                 with an online (max, sum-exp) log-sum-exp in fp32, the target
-                                 logit and the argmax; pass 2 overwrites the row in place with
-                                 d loss / d logits = softmax·(1 + 2·z·lse) − onehot (times the
-                                 softcap derivative), computed in fp32 and rounded once
+                                 with an online (max, sum-exp) log-sum-exp in fp32 and reads the
+                                 target logit; pass 2 overwrites the row in place with
+                                 d loss / d logits = softmax − onehot, computed in fp32 and
+                                 rounded once
     d_h[c] = dlogits @ W         torch matmul; d_W += dlogitsᵀ @ h_c (fp32) only when W
                                  requires grad — for LoRA (frozen lm_head) that GEMM never runs
 
@@ -36,7 +36,7 @@ at N = 4096, H = 5120, V = 152,064 that is ≈ 0.15 GiB in all (no (N, V) tensor
 Row offsets in the kernels are int64 (``tl.program_id(0).to(tl.int64) * stride``): with a larger
 ``chunk_rows`` a buffer passes 2³¹ elements at ~14k rows of V = 152,064.
 
-Targets outside [0, V) (other than ``ignore_index``) make the Triton path's loss NaN (no host
+Targets outside [0, V) (other than ``IGNORE_INDEX``) make the Triton path's loss NaN (no host
 sync to check them; the trainer stops on a non-finite loss); the reference raises.
 
 On CPU tensors the Triton path runs under the Triton interpreter (`kernels.backend.launchable`),
@@ -46,7 +46,6 @@ which is how the tests exercise the real kernel code without a GPU.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -64,15 +63,6 @@ MAX_CHUNK_ROWS = 8192
 DEFAULT_BLOCK_V = 4096
 
 
-class LinearCrossEntropyOutput(NamedTuple):
-    """What ``return_per_token=True`` returns. All but ``loss`` are detached and shaped like targets."""
-
-    loss: torch.Tensor  # 0-dim fp32, reduced as asked; the only differentiable output
-    token_loss: torch.Tensor  # fp32 loss of every position (incl. the z-loss term), 0 where ignored
-    argmax: torch.Tensor  # int64 argmax token of every position, ignore_index where ignored
-    correct: torch.Tensor  # bool, argmax == target at trained positions, False where ignored
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Triton kernels
 # ---------------------------------------------------------------------------------------------
@@ -80,25 +70,14 @@ class LinearCrossEntropyOutput(NamedTuple):
 if triton is not None:
 
     @triton.jit
-    def _tanh(x):
-        # tanh from exp (portable: CUDA and the interpreter); saturates to ±1, absolute error ~1e-7.
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-    @triton.jit
     def _lce_rows_kernel(
         logits_ptr,  # (rows, V) activation dtype; overwritten with d loss_row / d logits if WRITE_GRAD
         stride_row,
         targets_ptr,  # (rows,) int64, all trained (gathered by the host)
-        loss_ptr,  # (rows,) fp32 out: lse - logit[target] (+ z_loss · lse²)
-        argmax_ptr,  # (rows,) int64 out, if WRITE_ARGMAX
+        loss_ptr,  # (rows,) fp32 out: lse - logit[target]
         V,
-        z_loss,
-        softcap,
         BLOCK_V: tl.constexpr,
-        HAS_SOFTCAP: tl.constexpr,
-        HAS_Z_LOSS: tl.constexpr,
         WRITE_GRAD: tl.constexpr,
-        WRITE_ARGMAX: tl.constexpr,
     ):
         # int64 row offset: rows * V passes 2**31 at ~14k rows of a 152k vocabulary.
         row = tl.program_id(0).to(tl.int64)
@@ -106,52 +85,29 @@ if triton is not None:
         target = tl.load(targets_ptr + row).to(tl.int64)
         cols = tl.arange(0, BLOCK_V)
 
-        # Pass 1: online log-sum-exp (running max m, running sum d of exp(x - m)) and argmax, fp32.
+        # Pass 1: online log-sum-exp (running max m, running sum d of exp(x - m)), fp32.
         m = float("-inf")
         d = 0.0
-        best = 0
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            mask = offs < V
-            x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            if HAS_SOFTCAP:
-                x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
-            block_max = tl.max(x, 0)
-            if WRITE_ARGMAX:
-                # strict >: the first maximum wins, as torch.argmax
-                best = tl.where(block_max > m, start + tl.argmax(x, 0), best)
-            m_new = tl.maximum(m, block_max)
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
         lse = m + tl.log(d)
 
         valid = (target >= 0) & (target < V)
         x_t = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            x_t = softcap * _tanh(x_t / softcap)
-        loss = lse - x_t
-        if HAS_Z_LOSS:
-            loss += z_loss * lse * lse
-        tl.store(loss_ptr + row, tl.where(valid, loss, float("nan")))
-        if WRITE_ARGMAX:
-            tl.store(argmax_ptr + row, best.to(tl.int64))
+        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, float("nan")))
 
-        # Pass 2: d loss / d logits, in fp32, rounded once into the buffer.
+        # Pass 2: d loss / d logits = softmax − onehot, in fp32, rounded once into the buffer.
         if WRITE_GRAD:
-            coef = 1.0
-            if HAS_Z_LOSS:
-                coef = 1.0 + 2.0 * z_loss * lse  # d(z·lse²)/dx_j = 2·z·lse·softmax_j
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 mask = offs < V
                 x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    t = _tanh(x / softcap)
-                    x = softcap * t
-                g = tl.exp(x - lse) * coef
+                g = tl.exp(x - lse)
                 g = tl.where(offs == target, g - 1.0, g)
-                if HAS_SOFTCAP:
-                    g = g * (1.0 - t * t)  # d(cap·tanh(x/cap))/dx
                 tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -214,19 +170,15 @@ def linear_cross_entropy_forward(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
     grad_hidden: bool = True,
     grad_weight: bool = False,
-    want_argmax: bool = False,
     chunk_rows: int | None = None,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row losses (and gradients of their *sum*) of the trained rows, chunk by chunk.
 
     hidden (N, H) and targets (N,) hold only trained rows; weight (V, H). Returns
-    ``(row_loss fp32 (N,), argmax int64 (N,) | None, d_hidden (N, H) hidden.dtype | None,
-    d_weight (V, H) fp32 | None)``.
+    ``(row_loss fp32 (N,), d_hidden (N, H) hidden.dtype | None, d_weight (V, H) fp32 | None)``.
     """
     _check_runnable()
     n, h = hidden.shape
@@ -235,11 +187,10 @@ def linear_cross_entropy_forward(
     hidden = hidden.contiguous()
     targets = targets.contiguous().long()
     row_loss = torch.empty(n, device=device, dtype=torch.float32)
-    argmax = torch.empty(n, device=device, dtype=torch.int64) if want_argmax else None
     d_hidden = torch.empty(n, h, device=device, dtype=dtype) if grad_hidden else None
     d_weight = torch.zeros(v, h, device=device, dtype=torch.float32) if grad_weight else None
     if n == 0:
-        return row_loss, argmax, d_hidden, d_weight
+        return row_loss, d_hidden, d_weight
 
     rows = chunk_rows_for(n, v, dtype, chunk_rows)
     block = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(v))
@@ -247,24 +198,20 @@ def linear_cross_entropy_forward(
         raise ValueError(f"block_v must be a power of 2, got {block}")
     num_warps = 8 if block >= 2048 else 4
     buffer = torch.empty(rows, v, device=device, dtype=dtype)
-    write_grad = grad_hidden or grad_weight
     for start in range(0, n, rows):
         end = min(start + rows, n)
         h_c = hidden[start:end]
         logits = buffer[: end - start]
         torch.mm(h_c, weight.t(), out=logits)
         launchable(_lce_rows_kernel, device)[(end - start,)](
-            logits, logits.stride(0), targets[start:end], row_loss[start:end],
-            argmax[start:end] if want_argmax else row_loss,  # unused pointer when not WRITE_ARGMAX
-            v, float(z_loss), float(softcap or 1.0),
-            BLOCK_V=block, HAS_SOFTCAP=softcap is not None, HAS_Z_LOSS=z_loss != 0.0,
-            WRITE_GRAD=write_grad, WRITE_ARGMAX=want_argmax, num_warps=num_warps,
+            logits, logits.stride(0), targets[start:end], row_loss[start:end], v,
+            BLOCK_V=block, WRITE_GRAD=grad_hidden or grad_weight, num_warps=num_warps,
         )
         if grad_hidden:
             torch.mm(logits, weight, out=d_hidden[start:end])
         if grad_weight:
             _addmm_fp32_(d_weight, logits.t(), h_c)
-    return row_loss, argmax, d_hidden, d_weight
+    return row_loss, d_hidden, d_weight
 
 
 def linear_cross_entropy_backward(
@@ -296,30 +243,27 @@ def linear_cross_entropy_backward(
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """(hidden (N, H) trained rows, weight (V, H), targets (N,)) -> (sum of row losses, row_loss,
-    argmax); only the sum is differentiable. Gradients are computed in the forward when
-    ``need_grad`` (the caller passes ``torch.is_grad_enabled()``) and the input requires them."""
+    """(hidden (N, H) trained rows, weight (V, H), targets (N,)) -> sum of the row losses.
+    Gradients are computed in the forward when ``need_grad`` (the caller passes
+    ``torch.is_grad_enabled()``) and the input requires them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_loss, softcap, need_grad, want_argmax, chunk_rows, block_v):
-        row_loss, argmax, d_hidden, d_weight = linear_cross_entropy_forward(
-            hidden, weight, targets, z_loss=z_loss, softcap=softcap,
+    def forward(ctx, hidden, weight, targets, need_grad, chunk_rows, block_v):
+        row_loss, d_hidden, d_weight = linear_cross_entropy_forward(
+            hidden, weight, targets,
             grad_hidden=need_grad and ctx.needs_input_grad[0],
             grad_weight=need_grad and ctx.needs_input_grad[1],
-            want_argmax=want_argmax, chunk_rows=chunk_rows, block_v=block_v,
+            chunk_rows=chunk_rows, block_v=block_v,
         )
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
-        if argmax is None:
-            argmax = torch.empty(0, device=hidden.device, dtype=torch.int64)
-        ctx.mark_non_differentiable(row_loss, argmax)
-        return row_loss.sum(), row_loss, argmax
+        return row_loss.sum()
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_row_loss, _grad_argmax):
+    def backward(ctx, grad_loss):
         d_hidden, d_weight = ctx.saved_tensors
         grad_hidden, grad_weight = linear_cross_entropy_backward(grad_loss, d_hidden, d_weight, ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,11 +271,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap) -> None:
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if normalizer is not None and reduction != "sum":
-        raise ValueError("normalizer divides the sum: use it with reduction='sum'")
+def _check_args(hidden, weight, targets) -> None:
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., {hidden.shape[-1]}) does not match weight {tuple(weight.shape)}: "
                          "(vocab, hidden) expected")
@@ -341,99 +281,41 @@ def _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap)
         raise ValueError(f"targets {tuple(targets.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0, got {softcap}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be ≥ 0, got {z_loss}")
 
 
-def _select(hidden, targets, ignore_index):
+def _select(hidden, targets):
     """Flatten to (n, H) / (n,) and find the trained rows (one host sync, as the reference always had)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
-    rows = (targets != ignore_index).nonzero().squeeze(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     return hidden, targets, rows
 
 
-def _reduce(total, n_trained, reduction, normalizer):
-    if n_trained == 0:  # 0, attached to the graph, whatever the reduction or normaliser
-        return total
-    if normalizer is not None:
-        return total / normalizer
-    if reduction == "mean":
-        return total / n_trained
-    return total
-
-
-def _per_token(loss, shape, targets, rows, row_loss, row_argmax, ignore_index) -> LinearCrossEntropyOutput:
-    n = targets.shape[0]
-    token_loss = torch.zeros(n, device=targets.device, dtype=torch.float32)
-    token_loss.index_copy_(0, rows, row_loss.detach().float())
-    argmax = torch.full((n,), ignore_index, device=targets.device, dtype=torch.int64)
-    argmax.index_copy_(0, rows, row_argmax.detach().long())
-    correct = (argmax == targets) & (targets != ignore_index)
-    return LinearCrossEntropyOutput(loss, token_loss.view(shape), argmax.view(shape), correct.view(shape))
-
-
-def linear_cross_entropy_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    reduction: str = "sum",
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    return_per_token: bool = False,
-    **_tuning,
-):
+def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pure-torch reference (the tests' oracle and the CPU path); same contract as
     :func:`linear_cross_entropy`. Materialises the (trained, vocab) logits in the activation dtype
-    and computes the loss in fp32. Tuning keywords of the Triton path (chunk_rows, block_v) are
-    accepted and ignored."""
-    _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap)
-    shape = targets.shape
-    hidden, targets, rows = _select(hidden, targets, ignore_index)
-    trained = targets.index_select(0, rows)
+    and computes the loss in fp32."""
+    _check_args(hidden, weight, targets)
+    hidden, targets, rows = _select(hidden, targets)
     logits = (hidden.index_select(0, rows) @ weight.t()).float()  # (trained, v), rounded like the model's
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    lse = torch.logsumexp(logits, dim=-1)
-    row_loss = lse - logits.gather(1, trained.unsqueeze(1)).squeeze(1)
-    if z_loss:
-        row_loss = row_loss + z_loss * lse.square()
-    loss = _reduce(row_loss.sum(), rows.numel(), reduction, normalizer)
-    if not return_per_token:
-        return loss
-    return _per_token(loss, shape, targets, rows, row_loss, logits.detach().argmax(-1), ignore_index)
+    trained = targets.index_select(0, rows)
+    row_loss = torch.logsumexp(logits, dim=-1) - logits.gather(1, trained.unsqueeze(1)).squeeze(1)
+    return row_loss.sum()
 
 
 @torch.compiler.disable
-def _linear_cross_entropy_triton(hidden, weight, targets, *, reduction, normalizer, ignore_index, z_loss, softcap,
-                                 return_per_token, chunk_rows, block_v):
-    shape = targets.shape
-    hidden, targets, rows = _select(hidden, targets, ignore_index)
+def _linear_cross_entropy_triton(hidden, weight, targets, *, chunk_rows, block_v):
+    hidden, targets, rows = _select(hidden, targets)
     n_trained = rows.numel()
     if n_trained == 0:
         # Nothing trained: 0, attached to the graph (zero gradients), no kernel launched.
-        loss = hidden.reshape(-1)[:0].float().sum() + weight.reshape(-1)[:0].float().sum()
-        if not return_per_token:
-            return loss
-        empty = torch.empty(0, device=hidden.device)
-        return _per_token(loss, shape, targets, rows, empty, empty.long(), ignore_index)
+        return hidden.reshape(-1)[:0].float().sum() + weight.reshape(-1)[:0].float().sum()
     if n_trained == targets.shape[0]:
         trained_hidden, trained = hidden, targets  # every row trained: no gather copy
     else:
         trained_hidden, trained = hidden.index_select(0, rows), targets.index_select(0, rows)
-    total, row_loss, argmax = LinearCrossEntropyFunction.apply(
-        trained_hidden, weight, trained, float(z_loss), softcap, torch.is_grad_enabled(), return_per_token,
-        chunk_rows, block_v,
-    )
-    loss = _reduce(total, n_trained, reduction, normalizer)
-    if not return_per_token:
-        return loss
-    return _per_token(loss, shape, targets, rows, row_loss, argmax, ignore_index)
+    return LinearCrossEntropyFunction.apply(trained_hidden, weight, trained, torch.is_grad_enabled(), chunk_rows,
+                                            block_v)
 
 
 def linear_cross_entropy(
@@ -441,35 +323,22 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    reduction: str = "sum",
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    return_per_token: bool = False,
     chunk_rows: int | None = None,
     block_v: int | None = None,
-):
-    """Cross-entropy of ``hidden @ weightᵀ`` against ``targets``, in fp32, without the logits.
+) -> torch.Tensor:
+    """The fp32 *sum* over trained rows of the cross-entropy of ``hidden @ weightᵀ`` against
+    ``targets`` (``lse − logit[target]`` per row), without the logits.
 
-    hidden (..., H) and weight (V, H) of one dtype; targets (...) token ids, ``ignore_index`` where
-    untrained (those rows cost nothing). Per trained row: ``lse − logit[target] + z_loss · lse²``,
-    logits first soft-capped to ``softcap · tanh(logits / softcap)`` when ``softcap`` is given.
-
-    Reduction: ``"sum"`` (default: what the model returns; the trainer divides by its step-wide
-    count), ``"mean"`` (over trained rows), or ``normalizer=`` (float or tensor): sum / normalizer.
-    No trained row: 0 (never NaN), attached to the graph.
-
-    Returns the 0-dim fp32 loss, or with ``return_per_token=True`` a
-    :class:`LinearCrossEntropyOutput` (loss, token_loss, argmax, correct; the last three detached,
-    shaped like targets). ``chunk_rows`` / ``block_v`` tune the Triton path (tests pass small ones).
+    hidden (..., H) and weight (V, H) of one dtype; targets (...) token ids, ``IGNORE_INDEX``
+    (-100, as ``engine.chat``) where untrained (those rows cost nothing). The sum is what the model
+    returns; the trainer divides by its step-wide count of trained tokens. No trained row: 0 (never
+    NaN), attached to the graph. ``chunk_rows`` / ``block_v`` tune the Triton path (tests pass
+    small ones).
 
     Dispatch: the Triton path when ``kernels.backend.use_triton(hidden, weight)`` — by default for
     CUDA tensors — else :func:`linear_cross_entropy_ref`.
     """
-    _check_args(hidden, weight, targets, reduction, normalizer, z_loss, softcap)
-    kwargs = dict(reduction=reduction, normalizer=normalizer, ignore_index=ignore_index, z_loss=z_loss,
-                  softcap=softcap, return_per_token=return_per_token)
+    _check_args(hidden, weight, targets)
     if use_triton(hidden, weight):
-        return _linear_cross_entropy_triton(hidden, weight, targets, chunk_rows=chunk_rows, block_v=block_v, **kwargs)
-    return linear_cross_entropy_ref(hidden, weight, targets, **kwargs)
+        return _linear_cross_entropy_triton(hidden, weight, targets, chunk_rows=chunk_rows, block_v=block_v)
+    return linear_cross_entropy_ref(hidden, weight, targets)

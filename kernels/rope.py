@@ -15,21 +15,35 @@ and the backward is autograd's chain for the same expression:
     dx2 = round(round(dy2·cos2) − round(dy1·sin1))
 
 so the results are bit-identical to torch's on the GPU (the products are single roundings of exact
-fp32 products in both). x is (tokens, heads, d) with cos, sin (tokens, d) in x's dtype.
-``engine.models.decoder.apply_rotary`` calls these when ``kernels.backend.use_triton`` says so.
+fp32 products in both).
+
+Four layers, top to bottom:
+
+1. ``_rope_kernel`` (forward and backward, by a constexpr flag).
+2. Host functions ``rope_forward`` / ``rope_backward``: x (tokens, heads, d), cos and sin
+   (tokens, d).
+3. ``RoPEFunction``: the autograd function over the model's layout, x (b, s, heads, d) with cos
+   and sin (b, s, d); saves cos and sin only, as autograd does.
+4. ``rope(x, cos, sin)``: the dispatch point the model calls — the kernels when
+   ``kernels.backend.use_triton(x)`` (by default: CUDA tensors), else ``rope_ref``, transformers'
+   expression under plain autograd (also the tests' oracle).
+
+On CPU tensors the kernels run under the Triton interpreter.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.backend import launchable
+from kernels.backend import launchable, use_triton
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch path still works
     triton = None
+
+# --- 1. kernels --------------------------------------------------------------------------------
 
 if triton is not None:
 
@@ -61,6 +75,9 @@ if triton is not None:
         tl.store(out_ptr + base + HALF, (a2 + b2).to(dt), mask=mask)
 
 
+# --- 2. host functions -------------------------------------------------------------------------
+
+
 @torch.compiler.disable  # launched eagerly under torch.compile, as the other kernels
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     if triton is None:
@@ -88,3 +105,48 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`rope_forward` with respect to x."""
     return _launch(dy, cos, sin, backward=True)
+
+
+# --- 3. autograd function ----------------------------------------------------------------------
+
+
+class RoPEFunction(torch.autograd.Function):
+    """(x (b, s, heads, d), cos (b, s, d), sin (b, s, d)) -> RoPE(x) on the kernels; saves cos and
+    sin only, as autograd does for transformers' expression."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, h, d = x.shape
+        cos, sin = cos.reshape(b * s, d), sin.reshape(b * s, d)
+        ctx.save_for_backward(cos, sin)
+        return rope_forward(x.reshape(b * s, h, d), cos, sin).view(b, s, h, d)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        b, s, h, d = dy.shape
+        return rope_backward(dy.reshape(b * s, h, d), cos, sin).view(b, s, h, d), None, None
+
+
+# --- 4. dispatch, and the reference ------------------------------------------------------------
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for x (b, s, heads, d), cos and sin (b, s, d) broadcast
+    over heads; the kernels when ``kernels.backend.use_triton(x)``, else :func:`rope_ref` (the
+    same bits on a GPU)."""
+    if use_triton(x):
+        return RoPEFunction.apply(x, cos, sin)
+    return rope_ref(x, cos, sin)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor x (b, s, heads, d), cos and sin (b, s, d),
+    under plain autograd (the torch path and the tests' oracle)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (x * cos) + (rotate_half(x) * sin)

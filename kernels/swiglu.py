@@ -9,15 +9,28 @@ product rounded to the input dtype, ``dm * up`` rounded before ``silu_backward``
 ``g · σ · (1 + x · (1 − σ))`` in fp32. The exponential may differ from torch's in its last fp32 bit,
 which rarely moves a half-precision output by one unit.
 
-``engine.models.lean.swiglu`` calls these when ``kernels.backend.use_triton`` says so (CUDA tensors
-by default) and torch otherwise; on CPU tensors they run under the Triton interpreter.
+Four layers, top to bottom:
+
+1. ``_swiglu_fwd_kernel`` / ``_swiglu_bwd_kernel``: Triton kernels.
+2. Host functions: ``swiglu_forward`` / ``swiglu_backward`` launch the kernels;
+   ``swiglu_forward_torch`` / ``swiglu_backward_torch`` are torch's ops for the same contract
+   (bit-identical to autograd through ``F.silu(gate) * up``).
+3. ``SwiGLUFunction``: the autograd function over either pair. It saves gate and up only, not
+   silu(gate) as autograd through torch's ops does (memory accounting:
+   ``engine.models.saved_tensors``).
+4. ``swiglu(gate, up)``: the dispatch point the model calls — the kernels when
+   ``kernels.backend.use_triton(gate, up)`` (by default: CUDA tensors), the torch ops otherwise.
+
+``swiglu_ref`` is torch's expression under plain autograd: the tests' oracle. On CPU tensors the
+kernels run under the Triton interpreter.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kernels.backend import launchable
+from kernels.backend import launchable, use_triton
 
 try:
     import triton
@@ -26,6 +39,8 @@ except ImportError:  # CPU-only installs: the torch path still works
     triton = None
 
 BLOCK = 2048
+
+# --- 1. kernels --------------------------------------------------------------------------------
 
 if triton is not None:
 
@@ -50,6 +65,9 @@ if triton is not None:
         tl.store(dgate_ptr + offs, (ds * sig * (1.0 + g * (1.0 - sig))).to(dgate_ptr.dtype.element_ty), mask=mask)
         s = (g / (1.0 + tl.exp(-g))).to(dup_ptr.dtype.element_ty).to(tl.float32)
         tl.store(dup_ptr + offs, (dm * s).to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+# --- 2. host functions -------------------------------------------------------------------------
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -82,3 +100,48 @@ def swiglu_backward(dm: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> t
         launchable(_swiglu_bwd_kernel, gate.device)[(triton.cdiv(n, BLOCK),)](
             dm, gate, up, d_gate, d_up, n, BLOCK=BLOCK, num_warps=8)
     return d_gate, d_up
+
+
+def swiglu_forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_forward` in torch ops."""
+    return F.silu(gate) * up
+
+
+def swiglu_backward_torch(dm: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_backward` in torch ops: what autograd runs for ``F.silu(gate) * up``, bit for bit
+    (``aten.silu_backward`` is F.silu's gradient)."""
+    return torch.ops.aten.silu_backward(dm * up, gate), dm * F.silu(gate)
+
+
+# --- 3. autograd function ----------------------------------------------------------------------
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """(gate, up, use_kernels) -> silu(gate) * up; the host functions are the kernels' when
+    ``use_kernels``, else the torch ones. Saves gate and up only: silu is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.use_kernels = use_kernels
+        return (swiglu_forward if use_kernels else swiglu_forward_torch)(gate, up)
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_gate, d_up = (swiglu_backward if ctx.use_kernels else swiglu_backward_torch)(dm, gate, up)
+        return d_gate, d_up, None
+
+
+# --- 4. dispatch, and the reference ------------------------------------------------------------
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with torch's numerics; the kernels when ``kernels.backend.use_triton(gate,
+    up)``, else torch ops. Saves gate and up only; the gradients are autograd's."""
+    return SwiGLUFunction.apply(gate, up, use_triton(gate, up))
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """torch's expression under plain autograd (the tests' oracle)."""
+    return F.silu(gate) * up

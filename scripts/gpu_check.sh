@@ -32,7 +32,7 @@ PY
 #    tests of the same files run in CI.
 timeout 130 python -m pytest -q -rs -p no:cacheprovider -k "cuda or gpu" tests/test_kernels_attention.py \
     tests/test_kernels_cross_entropy.py tests/test_kernels_rms_norm.py tests/test_kernels_swiglu.py tests/test_kernels_rope.py \
-    tests/test_lean.py > "$out/tests.txt" 2>&1
+    tests/test_saved_tensors.py > "$out/tests.txt" 2>&1
 tail -30 "$out/tests.txt"
 
 # 2. LoRA optimizer steps of a Qwen2.5-32B-shaped model: ours (recomputing every layer; recomputing as

@@ -35,12 +35,10 @@ def test_bench_runs_ours_and_the_reference_and_writes_the_table(tmp_path, capsys
 
 
 def test_bench_model_weights_are_random_and_adapted():
-    import argparse
-
     from engine.parallel import is_activation_checkpointed
 
-    opts = argparse.Namespace(preset="qwen2.5-32b", layers=2, tiny=True, dtype="float32", compile=False)
-    model = build(opts, torch.device("cpu"), checkpointed_layers=1, sharded=False)  # the trainer's assembly
+    model = build("qwen2.5-32b", 2, torch.float32, torch.device("cpu"), tiny=True, activation_checkpointing=True,
+                  checkpointed_layers=1)  # the trainer's assembly
     assert [is_activation_checkpointed(layer) for layer in model.model.layers] == [True, False]
     q = model.model.layers[0].self_attn.q_proj
     assert 0.015 < q.weight.std().item() < 0.025  # N(0, 0.02), never zeros

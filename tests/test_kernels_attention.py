@@ -217,35 +217,50 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="multiple of block_n"):
         ka.attention_forward(q, k, v, cu, m, config=ka.AttentionConfig(16, 32, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1))
     # The model's dispatch validates cu_seqlens on the Triton path as on the reference one.
-    from engine.models.attention import attention as model_attention
-
     with force("triton"):
         with pytest.raises(ValueError, match="row length 8"):
-            model_attention(q[None], k[None], v[None], cu_seqlens=torch.tensor([0, 4]))
+            ka.attention(q[None], k[None], v[None], cu_seqlens=torch.tensor([0, 4]))
         with pytest.raises(ValueError, match="batch 1"):
-            model_attention(q[None].expand(2, -1, -1, -1), k[None].expand(2, -1, -1, -1),
+            ka.attention(q[None].expand(2, -1, -1, -1), k[None].expand(2, -1, -1, -1),
                             v[None].expand(2, -1, -1, -1), cu_seqlens=torch.tensor([0, 8]))
 
 
-def test_interpreter_launch_leaves_triton_as_it_was():
+def test_interpreter_launch_leaves_triton_as_it_was(monkeypatch):
+    """A launch through kernels.backend.InterpretedKernel undoes what it patches.
+
+    With TRITON_INTERPRET=1 set when triton was imported, the @jit functions are triton's own
+    InterpretedFunctions and launchable hands them back as they are, so the launch is routed
+    through InterpretedKernel here explicitly, with the JITFunction that @triton.jit makes
+    otherwise: the same launch either way. Triton's own interpreted launches leave
+    triton.language patched, so then the check is that ours changed nothing; without
+    TRITON_INTERPRET, also that the builtins compiled kernels need are all there."""
+    import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(ka._attn_fwd_kernel, JITFunction):
-        pytest.skip("triton was imported with TRITON_INTERPRET=1: every kernel is interpreted as usual")
-    before = JITFunction.__call__
-    q, k, v, _, cu, m = _inputs([3], 4, 2, 16)
-    ka.attention_forward(q, k, v, cu, m)
-    assert JITFunction.__call__ is before
-    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
-        ka._load_rows(None, None, None, 16, 16, False)
-    import triton.language as tl
+    from kernels.backend import InterpretedKernel
 
-    # The interpreter's patches of triton.language are undone (compiled kernels need the builtins).
-    assert "__index__" not in vars(tl.core.tensor)
-    for module in (tl, tl.core, tl.math):
-        for name in ("full", "load", "dot", "exp2", "umulhi"):
-            if hasattr(module, name):
-                assert getattr(getattr(module, name), "__triton_builtin__", False), f"{module.__name__}.{name}"
+    def as_jit(fn):
+        return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+    def language_state():
+        return ("__index__" in vars(tl.core.tensor), JITFunction.__call__,
+                {(module.__name__, name): getattr(module, name) for module in (tl, tl.core, tl.math)
+                 for name in ("full", "load", "dot", "exp2", "umulhi") if hasattr(module, name)})
+
+    interpreted_at_import = not isinstance(ka._attn_fwd_kernel, JITFunction)
+    monkeypatch.setattr(ka, "launchable", lambda kernel, device: InterpretedKernel(as_jit(kernel)))
+    before = language_state()
+    q, k, v, _, cu, m = _inputs([3], 4, 2, 16)
+    out, _ = ka.attention_forward(q, k, v, cu, m)
+    _assert_close_fp32([out], [ka.attention_ref(q, k, v, cu)], ["out"])  # the launch did run the kernel
+    assert language_state() == before
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        as_jit(ka._load_rows)(None, None, None, 16, 16, False)
+    if not interpreted_at_import:  # compiled kernels need triton.language's builtins, unpatched
+        has_index, _, functions = before
+        assert not has_index
+        for (module, name), function in functions.items():
+            assert getattr(function, "__triton_builtin__", False), f"{module}.{name}"
 
 
 # --- the model through the dispatch point ------------------------------------------------------
@@ -355,15 +370,13 @@ def test_cuda_int64_offsets():
 
 @cuda
 def test_cuda_model_dispatch_routes_to_triton(monkeypatch):
-    from engine.models.attention import attention as model_attention
-
     calls = []
     real = ka.flash_attention_varlen
     monkeypatch.setattr(ka, "flash_attention_varlen", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q = torch.randn(2, 33, 8, 64, device="cuda", dtype=torch.bfloat16)
     k = v = torch.randn(2, 33, 2, 64, device="cuda", dtype=torch.bfloat16)
-    out = model_attention(q, k, v)
+    out = ka.attention(q, k, v)
     assert calls and out.shape == q.shape
     with force("reference"):
-        ref = model_attention(q.float(), k.float(), v.float())
+        ref = ka.attention(q.float(), k.float(), v.float())
     assert (out.float() - ref).abs().max() < 2e-2

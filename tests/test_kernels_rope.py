@@ -1,15 +1,16 @@
-"""The Triton RoPE (kernels/rope.py) against transformers' expression and autograd's gradient:
-under the Triton interpreter on CPU in fp32 and fp16 (the interpreter casts to bf16 by truncation,
-so bf16 runs on a GPU), bit-identical outputs and gradients expected."""
+"""The Triton RoPE (kernels/rope.py) against transformers' expression (``rope_ref``) and autograd's
+gradient: under the Triton interpreter on CPU in fp32 and fp16 (the interpreter casts to bf16 by
+truncation, so bf16 runs on a GPU), bit-identical outputs and gradients expected."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.models.decoder import apply_rotary, rotate_half
+import kernels.rope as kr
 from kernels.backend import force
-from kernels.rope import rope_backward, rope_forward
+from kernels.rope import rope, rope_backward, rope_forward, rotate_half
+from tests.launches import record_launches
 
 pytest.importorskip("triton")
 
@@ -44,7 +45,8 @@ def test_interpreted_rope_is_bit_identical(tokens, heads, d, dtype):
     _check(tokens, heads, d, dtype, torch.device("cpu"))
 
 
-def test_model_dispatch_uses_the_kernel():
+def test_dispatch_launches_the_kernel(monkeypatch):
+    launched = record_launches(monkeypatch, kr)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 4, 16, generator=g)
     dy = torch.randn(2, 6, 4, 16, generator=g)
@@ -54,9 +56,10 @@ def test_model_dispatch_uses_the_kernel():
     for backend in ("reference", "triton"):
         xr = x.clone().requires_grad_()
         with force(backend):
-            out = apply_rotary(xr, cos, sin)
+            out = rope(xr, cos, sin)
             out.backward(dy)
         results[backend] = (out.detach(), xr.grad)
+        assert launched == ([] if backend == "reference" else ["_rope_kernel", "_rope_kernel"])
     assert all(torch.equal(a, b) for a, b in zip(results["reference"], results["triton"]))
 
 

@@ -1,6 +1,6 @@
-"""The Triton SwiGLU (kernels/swiglu.py) against torch's F.silu(gate) * up and autograd's gradients,
-under the Triton interpreter on CPU (fp32, fp16: the interpreter casts to bf16 by truncation, so
-bf16 is checked on a GPU) and on CUDA when there is one."""
+"""SwiGLU (kernels/swiglu.py) against torch's F.silu(gate) * up and autograd's gradients: the torch
+path bit for bit, and the Triton kernels under the Triton interpreter on CPU (fp32, fp16: the
+interpreter casts to bf16 by truncation, so bf16 is checked on a GPU) and on CUDA when there is one."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.lean import swiglu
+import kernels.swiglu as ks
 from kernels.backend import force
-from kernels.swiglu import swiglu_backward, swiglu_forward
+from kernels.swiglu import swiglu, swiglu_backward, swiglu_forward
+from tests.launches import record_launches
 
 pytest.importorskip("triton")
 
@@ -41,7 +42,24 @@ def test_interpreted_swiglu_matches_torch(dtype, shape):
     _check(shape, dtype, torch.device("cpu"))
 
 
-def test_model_path_uses_the_kernel():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_is_autograds_bit_for_bit(dtype):
+    """The dispatch's torch path (what CPU runs) saves less than autograd but computes the same bits:
+    aten.silu_backward is what autograd runs for F.silu."""
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(4, 40, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(4, 40, generator=g).to(dtype).requires_grad_()
+    dm = torch.randn(4, 40, generator=g).to(dtype)
+    with force("reference"):
+        ours = swiglu(gate, up)
+    ref = ks.swiglu_ref(gate, up)
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (gate, up), dm), torch.autograd.grad(ref, (gate, up), dm)):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_launches_the_kernels(monkeypatch):
+    launched = record_launches(monkeypatch, ks)
     g = torch.Generator().manual_seed(2)
     gate, up, dm = (torch.randn(4, 96, generator=g) for _ in range(3))
     outs = {}
@@ -51,6 +69,7 @@ def test_model_path_uses_the_kernel():
             m = swiglu(gr, ur)
             m.backward(dm)
         outs[backend] = (m.detach(), gr.grad, ur.grad)
+        assert launched == ([] if backend == "reference" else ["_swiglu_fwd_kernel", "_swiglu_bwd_kernel"])
     for a, b in zip(outs["reference"], outs["triton"]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -1,6 +1,6 @@
 """Tiny real checkpoints for tests, saved with transformers' `save_pretrained`: a Seed-OSS-architecture
 model whose vocabulary covers the Seed-OSS fixture tokenizer (trainer tests), and random Qwen2 /
-Seed-OSS configs covering the architecture variants (LoRA and lean-block parity tests)."""
+Seed-OSS configs covering the architecture variants (LoRA and saved-tensor parity tests)."""
 
 from __future__ import annotations
 

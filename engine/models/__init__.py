@@ -4,10 +4,12 @@
     logits = model(input_ids, position_ids=..., cu_seqlens=...)
 """
 
-from .attention import attention, position_ids_from_cu_seqlens
+from kernels.attention import attention
+
 from .config import SUPPORTED_ARCHITECTURES, ConfigError, ModelArgs
 from .decoder import CausalLM
 from .loading import CheckpointError, from_pretrained, load_safetensors
+from .positions import position_ids_from_cu_seqlens
 from .saving import SaveError, save_pretrained, write_hf_checkpoint
 
 __all__ = [

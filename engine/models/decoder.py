@@ -12,8 +12,11 @@ checkpoints load by name and LoRA adapters map 1:1 onto PEFT's names. Projection
 
 Numerics follow transformers' modeling_qwen2.py / modeling_seed_oss.py op for op (RMSNorm in
 fp32, RoPE tables in fp32 cast to the activation dtype, same op order), which gives fp32 parity
-within 1e-5. RMSNorm and SwiGLU are autograd functions with those same forward ops that keep less
-for backward (``lean.py``). No distributed code lives here.
+within 1e-5. The ops with a Triton kernel (RMSNorm, RoPE, attention, SwiGLU, the loss) are called
+through their dispatch functions in ``kernels/``, which choose the kernel or torch; RMSNorm and
+SwiGLU keep less for backward than autograd through transformers' ops would, and the adapters
+rebuild their inputs in backward instead of holding them (``saved_tensors.py``). No distributed
+code lives here.
 
 Shape legend: b batch, s sequence, h hidden_size, nh query heads, nkv key/value heads,
 d head_dim, i intermediate_size, v vocab_size.
@@ -25,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.backend import use_triton
+from kernels.attention import attention
 from kernels.cross_entropy import linear_cross_entropy
+from kernels.rms_norm import rms_norm
+from kernels.rope import rope
+from kernels.swiglu import swiglu
 
-from .attention import attention, position_ids_from_cu_seqlens
 from .config import ModelArgs
 from .kv_cache import KVCache, LayerCache
-from .lean import recompute_saved, rms_norm, rotary, swiglu, swiglu_values
+from .positions import position_ids_from_cu_seqlens
+from .saved_tensors import recompute_saved
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +48,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As HF: normalise in fp32, cast back to the input dtype, then scale by the weight (so a
-        # bf16 model multiplies in bf16). Saves x and the fp32 rstd only (lean.py).
+        # bf16 model multiplies in bf16). Saves x and the fp32 rstd only.
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -76,19 +82,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (b, s, heads, d); cos, sin (b, s, d) broadcast over heads.
-    if use_triton(x):  # one pass each way, the same roundings (kernels/rope.py)
-        return rotary(x, cos, sin)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (x * cos) + (rotate_half(x) * sin)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -115,7 +108,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (b, s, nh, d)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # (b, s, nkv, d)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # (b, s, nkv, d)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # cos, sin (b, s, d) broadcast over heads
         if cache is not None:
             # Inference: store k, v in the KV cache and attend over the row's cached tokens.
             out = cache.update_and_attend(q, k, v, scale=self.head_dim**-0.5)  # (b, s, nh, d)
@@ -147,7 +140,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # (b, s, i)
         m = swiglu(gate, up)  # keeps gate and up for backward
-        with recompute_saved(m, swiglu_values, gate, up):  # down_proj's adapters rebuild their input from them
+        with recompute_saved(m, swiglu, gate, up):  # down_proj's adapters rebuild their input from them
             out = self.down_proj(m)  # (b, s, h)
         # Seed-OSS drops out the MLP branch before the residual add (0.0 for Qwen2).
         return F.dropout(out, p=self.residual_dropout, training=self.training)
@@ -172,7 +165,7 @@ class DecoderLayer(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         # The adapters of the projections rebuild their input (a norm's output) in backward from
-        # what the norm saved, rather than keeping it (lean.py).
+        # what the norm saved, rather than keeping it (saved_tensors.py).
         norm = self.input_layernorm
         normed = norm(x)
         with recompute_saved(normed, norm.forward, x):

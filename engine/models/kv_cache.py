@@ -8,7 +8,7 @@ A forward pass with a cache (``CausalLM.forward(..., cache=cache)``) is one of t
 
 * **prefill**, padding-free: every row's prompt packed into one ``(1, total)`` row with
   ``cu_seqlens`` (sample ``j`` -> cache row ``j``; the cache must be empty). Attention is the
-  ordinary varlen causal path (``engine.models.attention.attention``), and each sample's keys and
+  ordinary varlen causal path (``kernels.attention.attention``), and each sample's keys and
   values are scattered into its row.
 * **append** (decoding): ``input_ids`` ``(batch, s)``, ``s`` new tokens per row (1 when decoding),
   written after each row's cached tokens. Each query attends over its row's cached tokens and the
@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import attention, position_ids_from_cu_seqlens
+from kernels.attention import attention
+
+from .positions import position_ids_from_cu_seqlens
 
 
 @dataclass

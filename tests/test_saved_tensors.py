@@ -1,10 +1,13 @@
-"""The memory-lean decoder blocks (engine/models/lean.py): gradients against transformers + peft
-and against autograd's own, under activation checkpointing, and what a step really saves against
-the memory estimate."""
+"""What the decoder keeps for backward (engine/models/saved_tensors.py, and the RMSNorm / SwiGLU
+autograd functions of kernels/): the saved-tensor hooks themselves and their contracts, gradients
+against transformers + peft and under activation checkpointing, and what a step really saves
+against the memory estimate."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 
 import peft
 import pytest
@@ -17,10 +20,12 @@ import engine.lora as lora
 import engine.models as em
 from engine import parallel
 from engine.memory import estimate, layer_activation_bytes
+import engine.models.saved_tensors as st
 from engine.models.presets import PRESETS
-from engine.models.lean import recompute_saved, rms_norm, swiglu
+from engine.models.saved_tensors import recompute_saved
 from engine.peft_format import write_peft_adapter
 from kernels.backend import force
+from kernels.swiglu import swiglu
 from tests.tiny import HF_VOCAB, hf_checkpoints
 
 VOCAB = HF_VOCAB
@@ -105,40 +110,6 @@ def test_adapter_gradients_match_peft(ckpts, tmp_path, arch):
     assert ours_err <= peft_err + 2 * 2.0**-8, (ours_err, peft_err)
 
 
-def _hf_rms_norm(x, weight, eps):
-    x32 = x.to(torch.float32)
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_and_swiglu_against_autograd(dtype):
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 5, 48, generator=g) * 3).to(dtype).requires_grad_()
-    w = (1 + 0.2 * torch.randn(48, generator=g)).to(dtype).requires_grad_()
-    dy = torch.randn(3, 5, 48, generator=g).to(dtype)
-    ours = rms_norm(x, w, 1e-6)
-    ref = _hf_rms_norm(x, w, 1e-6)
-    assert torch.equal(ours, ref)  # the same forward ops, the same bits
-    got = torch.autograd.grad(ours, (x, w), dy)
-    want = torch.autograd.grad(ref, (x, w), dy)
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    exact = torch.autograd.grad(_hf_rms_norm(x64, w64, 1e-6), (x64, w64), dy.double())
-    for a, b, e in zip(got, want, exact):
-        if dtype == torch.float32:
-            assert (a - b).abs().max() <= 1e-6 * b.abs().max()
-        else:  # different fp32 op order, then one bf16 rounding: as close to fp64 as autograd's, within one ulp
-            assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-12
-
-    gate = torch.randn(4, 40, generator=g).to(dtype).requires_grad_()
-    up = torch.randn(4, 40, generator=g).to(dtype).requires_grad_()
-    dm = torch.randn(4, 40, generator=g).to(dtype)
-    ours = swiglu(gate, up)
-    ref = F.silu(gate) * up
-    assert torch.equal(ours, ref)
-    for a, b in zip(torch.autograd.grad(ours, (gate, up), dm), torch.autograd.grad(ref, (gate, up), dm)):
-        assert torch.equal(a, b)  # aten.silu_backward is what autograd runs: bit-identical
-
-
 def test_recompute_saved_keeps_nothing_and_rebuilds_exactly():
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(6, 32, generator=g, requires_grad=True)
@@ -146,25 +117,88 @@ def test_recompute_saved_keeps_nothing_and_rebuilds_exactly():
     a = torch.randn(4, 32, generator=g, requires_grad=True)
     kept = []
 
-    def run(lean: bool):
+    def run(rebuild: bool):
         m = swiglu(gate, up)
         outer = torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t)
         with outer:
-            if lean:
+            if rebuild:
                 with recompute_saved(m, swiglu, gate, up):
                     y = F.linear(m.view(2, 3, 32), a)
             else:
                 y = F.linear(m.view(2, 3, 32), a)
         return y, m
 
-    y, m = run(lean=False)
+    y, m = run(rebuild=False)
     assert m.data_ptr() in kept  # the linear saves its input for the adapter gradient
     grads = torch.autograd.grad(y.square().sum(), (gate, up, a))
     kept.clear()
-    y, m = run(lean=True)
+    y, m = run(rebuild=True)
     assert m.data_ptr() not in kept and kept  # the outer hooks saw the rest, not m
-    lean_grads = torch.autograd.grad(y.square().sum(), (gate, up, a))
-    assert all(torch.equal(x, z) for x, z in zip(grads, lean_grads))
+    rebuilt_grads = torch.autograd.grad(y.square().sum(), (gate, up, a))
+    assert all(torch.equal(x, z) for x, z in zip(grads, rebuilt_grads))
+
+
+def test_lora_linear_input_is_rebuilt_not_kept():
+    """The reshape contract recompute_saved relies on: LoraLinear.forward hands its adapters a view
+    of all of its 3-D input (engine/lora.py), which the adapters' first matmul saves, so inside
+    recompute_saved that input is rebuilt, not kept. Fails if LoraLinear copies or casts its input."""
+    g = torch.Generator().manual_seed(0)
+    block = torch.nn.Module()
+    block.down_proj = torch.nn.Linear(32, 8)
+    lora.apply_lora(block, lora.LoraConfig(r=4, alpha=8.0, target_modules=("down_proj",)), seed=0)
+    with torch.no_grad():
+        block.down_proj.lora["0"].B.normal_(generator=g)  # B = 0 would make d A zero
+    gate = torch.randn(2, 3, 32, generator=g, requires_grad=True)
+    up = torch.randn(2, 3, 32, generator=g, requires_grad=True)
+    kept = []
+
+    def step(rebuild: bool):
+        m = swiglu(gate, up)  # (2, 3, 32): what the MLP hands down_proj
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
+            with recompute_saved(m, swiglu, gate, up) if rebuild else contextlib.nullcontext():
+                y = block.down_proj(m)
+        params = [p for _, p in lora.named_trainable_lora_parameters(block)]
+        return m, torch.autograd.grad(y.square().sum(), [gate, up, *params])
+
+    m, grads = step(rebuild=False)
+    assert m.data_ptr() in kept  # the adapter saves its input (else this test checks nothing)
+    kept.clear()
+    m, rebuilt_grads = step(rebuild=True)
+    assert m.data_ptr() not in kept and kept
+    assert all(torch.equal(a, b) for a, b in zip(grads, rebuilt_grads))
+
+
+@pytest.mark.parametrize("unreadable", ["missing", "signature changed"])
+def test_unreadable_enclosing_hooks_warn_once_and_keep_numerics(monkeypatch, unreadable):
+    """When the private torch API that reads the enclosing hooks is missing or refuses our call,
+    the tensors are kept (same results, more memory) and one warning per process says the memory
+    estimate is then too low, naming the torch version."""
+    model = bench.build("qwen2.5-32b", 2, torch.float32, torch.device("cpu"), tiny=True, activation_checkpointing=True)
+    ids = torch.randint(0, model.args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(ids, -1, dims=1)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets=targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for _, p in lora.named_trainable_lora_parameters(model)]
+
+    want_loss, want_grads = step()
+
+    def refuse(*args):
+        raise TypeError("_top_saved_tensors_default_hooks() takes no arguments")
+
+    monkeypatch.setattr(st, "_top_hooks", None if unreadable == "missing" else refuse)
+    monkeypatch.setattr(st, "_warned_unreadable", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [step(), step()]  # two steps, 2 layers × 3 blocks each: one warning in all
+    ours = [w for w in caught if "saved-tensor hooks" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+    assert torch.__version__ in str(ours[0].message) and "estimate is too low" in str(ours[0].message)
+    for loss, grads in results:
+        assert torch.equal(loss, want_loss)
+        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
 
 
 def test_partial_activation_checkpointing_same_gradients(ckpts):
