@@ -37,10 +37,11 @@ import torch
 from engine import checkpoint, lora, memory, parallel
 from engine.chat import SystemPolicy
 from engine.config import config_diff, load_config
-from engine.data import PackedBatch, Sample, collate_packed, load_samples, pack
+from engine.data import Sample, load_samples
 from engine.errors import CheckpointError, ConfigError, EngineError, TrainingError, report
 from engine.models import CausalLM, ModelArgs
 from engine.models.loading import resolve_checkpoint_dir
+from engine.packing import PackedBatch, collate_packed, pack
 from engine.tokenizer import Tokenizer
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 from engine.checkpoint import sha256_file  # stdlib only: this module stays torch-free
 from engine import errors
+from engine.chat import TEMPLATES, get_template, special_ids  # torch-free
 from engine.errors import EXIT_BAD_INPUT, EngineError, one_line
 _owns_process_group = False  # load_generator started the torchrun process group itself
 DTYPES = ("bfloat16", "float16", "float32")
@@ -115,7 +116,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="PEFT LoRA adapter directory, stacked on the base in the order given (repeatable)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
-    g.add_argument("--template", required=True, choices=("qwen2.5", "seed-oss"), help="chat template")
+    g.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="chat template")
     g.add_argument("--system-prompt", default="default", choices=("default", "empty", "omit", "replace"),
                    help="system-prompt policy (default: the template's own behaviour, as the paper)")
     g.add_argument("--system-text", default=None, help="system text for --system-prompt replace")
@@ -142,12 +143,14 @@ def parse_conditions(items: list[str]) -> dict[str, str]:
     return out
 
 
-def resolve_thinking_budget(template: str, requested: int | None, default_for_seed: int | None) -> int | None:
-    if template == "qwen2.5":
+def resolve_thinking_budget(template: str, requested: int | None, default: int | None) -> int | None:
+    """The thinking budget to render with: `requested`, else the eval's `default` where the
+    template has a thinking budget (Seed-OSS); None where it has none (Qwen2.5)."""
+    if not get_template(template).HAS_THINKING_BUDGET:
         if requested is not None:
-            raise EvalInputError("--thinking-budget is a Seed-OSS option; the qwen2.5 template has none")
+            raise EvalInputError(f"--thinking-budget: the {template} template has no thinking budget")
         return None
-    return default_for_seed if requested is None else requested
+    return default if requested is None else requested
 
 
 def policy_from_args(args: argparse.Namespace):
@@ -167,16 +170,13 @@ def load_generator(args: argparse.Namespace, thinking_budget: int | None):
 
     from engine.generate import Generator, load_model
     from engine.models.loading import resolve_checkpoint_dir
-    from engine.tokenizer import Tokenizer, special_ids
+    from engine.tokenizer import Tokenizer
 
     policy = policy_from_args(args)
     check_positive("--batch-size", args.batch_size)
     answer_prefix = args.answer_prefix
-    if answer_prefix is None:
-        # With thinking_budget 0 Seed-OSS first writes a fixed "no thinking" note; the answer follows it.
-        from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
-
-        answer_prefix = NO_THINKING_ANSWER_PREFIX if args.template == "seed-oss" and thinking_budget == 0 else ""
+    if answer_prefix is None:  # what the model writes itself before answering (Seed-OSS's no-thinking note)
+        answer_prefix = get_template(args.template).answer_prefix(thinking_budget)
     for adapter in args.adapter:  # a local directory, or a hub id "org/name" (fetched by load_model)
         hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", adapter) and not adapter.startswith((".", "~"))
         if not Path(adapter).expanduser().is_dir() and not hub_like:
