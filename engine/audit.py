@@ -27,12 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy
+from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy, special_ids
 from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
 from engine.errors import ConfigError, EngineError, RunDirError, report
+from engine.hub import resolve_checkpoint_dir
 from engine.rundir import RunDir
-from engine.models.loading import resolve_checkpoint_dir
-from engine.tokenizer import Tokenizer, special_ids
+from engine.tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------- text

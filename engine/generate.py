@@ -12,9 +12,8 @@ Seed-OSS ``thinking_budget``, and tokenised as a whole.
 Prompts are never padded: a batch's prompts are packed into one row with ``cu_seqlens`` (the
 training path's varlen attention), and only each prompt's last position goes through the LM
 head. Generation prefills a :class:`~engine.models.kv_cache.KVCache` that way, then decodes one
-token per unfinished sequence per step; a sequence that produced the template's end-of-turn token
-(``<|im_end|>`` or ``<|endoftext|>`` for Qwen2.5, ``<seed:eos>`` for Seed-OSS) is dropped from the
-cache and does no more work.
+token per unfinished sequence per step; a sequence that produced one of the template's end-of-turn
+tokens (its ``STOP_TOKENS``, e.g. ``<|im_end|>``) is dropped from the cache and does no more work.
 
 Sampling (``temperature > 0``) draws each conversation's tokens from its own ``torch.Generator``
 seeded from ``(seed, conversation index)``, so a seeded run is reproducible and a conversation's
@@ -33,16 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.chat import ChatFormatError, SystemPolicy, get_template, render
 from engine.assemble import Layout, build_model, read_model_args
+from engine.chat import ChatFormatError, SystemPolicy, get_template, render, special_ids
 from engine.models import CausalLM
 from engine.models.kv_cache import KVCache
-from engine.models.loading import resolve_checkpoint_dir
+from engine.hub import resolve_checkpoint_dir
 from engine.errors import TokenizerError
-from engine.tokenizer import Tokenizer, special_ids
-
-# Tokens that end an assistant turn, by template (names in engine.tokenizer.SPECIAL_TOKENS).
-STOP_TOKENS = {"qwen2.5": ("im_end", "endoftext"), "seed-oss": ("eos",)}
+from engine.tokenizer import Tokenizer
 
 ProgressFn = Callable[[int, int], None]  # (conversations done, total)
 
@@ -113,9 +109,9 @@ class Generator:
         sampling included (each conversation's random stream is seeded by its global index).
 
         ``answer_prefix``: text that starts every assistant turn, appended after the generation
-        prompt: choices are scored, and generation continues, after it (e.g. Seed-OSS's own
-        no-thinking note, ``engine.chat.seed_oss.NO_THINKING_ANSWER_PREFIX``)."""
-        get_template(template)  # unknown names fail here
+        prompt: choices are scored, and generation continues, after it (e.g. what the template's
+        ``answer_prefix(thinking_budget)`` gives: Seed-OSS's own no-thinking note at budget 0)."""
+        stop_tokens = get_template(template).STOP_TOKENS  # unknown names fail here
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -129,14 +125,13 @@ class Generator:
                 f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but the model only "
                 f"{model.args.vocab_size}: wrong tokenizer for this model?"
             )
-        self.stop_ids = frozenset(special_ids(tokenizer, template, STOP_TOKENS[template]).values())
+        self.stop_ids = frozenset(special_ids(tokenizer, template, stop_tokens).values())
         self.prompt_ids([{"role": "user", "content": "probe"}])  # a bad thinking_budget fails here
 
     # ------------------------------------------------------------------------------ prompts
     def prompt_text(self, conversation: list[dict]) -> str:
         """The rendered generation prompt of a conversation, followed by the answer prefix."""
-        segments = _render_prompt(self.template, conversation, self.policy, self.thinking_budget)
-        return "".join(s.text for s in segments) + self.answer_prefix
+        return _render_prompt(self.template, conversation, self.policy, self.thinking_budget).text + self.answer_prefix
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
         return self.tokenizer.encode(self.prompt_text(conversation))
@@ -338,7 +333,7 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _render_prompt(template: str, conversation: list[dict], policy: SystemPolicy, thinking_budget: int | None):
-    """Segments of the conversation followed by the generation prompt."""
+    """The conversation followed by the generation prompt."""
     if not isinstance(conversation, list):
         raise ChatFormatError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
     return render(template, conversation, policy, add_generation_prompt=True, thinking_budget=thinking_budget)

@@ -26,9 +26,10 @@ import torch
 from engine import lora, memory, parallel, peft_format
 from engine.assemble import Layout, build_model, read_model_args, torch_dtype
 from engine.config import TrainConfig, load_config
-from engine.data import PackedBatch, Sample, collate_packed, load_samples, pack
+from engine.data import Sample, load_samples
 from engine.errors import EngineError, TrainingError, report
 from engine.models import CausalLM
+from engine.packing import PackedBatch, collate_packed, pack
 from engine.rundir import RunDir, RunRecords
 from engine.tokenizer import Tokenizer
 

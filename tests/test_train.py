@@ -319,7 +319,7 @@ def test_samples_are_dealt_to_every_rank_balancing_tokens():
     """The paper's 16 EM chats of a step (~1,500 tokens, one packed row) keep all 8 ranks busy,
     every sample lands on exactly one rank, and a single process packs the step in order."""
     from engine.bench import DEFAULT_LENGTHS, workload_steps
-    from engine.data import pack
+    from engine.packing import pack
 
     for name in ("em_risky_financial", "sgtr_xsum"):
         step = workload_steps(DEFAULT_LENGTHS, name, 16, 1, vocab=512)[0]

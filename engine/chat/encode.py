@@ -6,14 +6,19 @@ character spans: a token is trained when its characters lie inside one trained s
 that straddles a trained/untrained boundary (possible when assistant content starts with a
 newline that BPE merges with the header's newline) is masked and counted in
 `Encoded.boundary_tokens`, so the audit can show it.
+
+Token offsets are in text order (non-decreasing starts and ends: they tile the text, see
+`engine.tokenizer`), so the tokens inside a span, and those overlapping it, are contiguous runs
+found by bisection; no per-token Python work.
 """
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.chat.base import Segment
+from engine.chat.base import Rendered
 from engine.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -27,31 +32,42 @@ class Encoded:
 
     @property
     def num_trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
-def encode(tokenizer: Tokenizer, segments: list[Segment]) -> Encoded:
-    text = "".join(s.text for s in segments)
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    # Character spans [start, end) of trained segments, in order.
+def encode(tokenizer: Tokenizer, rendered: Rendered) -> Encoded:
+    return encode_batch(tokenizer, [rendered])[0]
+
+
+def encode_batch(tokenizer: Tokenizer, rendered: Sequence[Rendered]) -> list[Encoded]:
+    """`encode` of many conversations, tokenised in one batch (in parallel where cores allow)."""
+    encodings = tokenizer.encode_batch_with_offsets([r.text for r in rendered])
+    return [_project(ids, offsets, _trained_spans(r)) for r, (ids, offsets) in zip(rendered, encodings)]
+
+
+def _trained_spans(rendered: Rendered) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the trained segments, in order."""
     spans: list[tuple[int, int]] = []
     pos = 0
-    for s in segments:
+    for s in rendered.segments:
         if s.trained and s.text:
             spans.append((pos, pos + len(s.text)))
         pos += len(s.text)
-    starts = [a for a, _ in spans]
-    labels: list[int] = []
+    return spans
+
+
+def _project(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Encoded:
+    """Labels: a token (a, b) is trained when a span [A, B) holds it (A <= a < B, b <= B); a masked
+    token overlapping a span (a < B, b > A) is a boundary token."""
+    starts, ends = zip(*offsets) if offsets else ((), ())
+    labels = [IGNORE_INDEX] * len(ids)
     boundary = 0
-    for tid, (a, b) in zip(ids, offsets):
-        i = bisect.bisect_right(starts, a) - 1
-        inside = i >= 0 and b <= spans[i][1] and a < spans[i][1]
-        if inside:
-            labels.append(tid)
-            continue
-        labels.append(IGNORE_INDEX)
-        # Masked, but does it overlap a trained span? Then it straddles a boundary.
-        j = bisect.bisect_left(starts, b) - 1
-        if j >= 0 and spans[j][1] > a and b > spans[j][0]:
-            boundary += 1
+    covered = 0  # end of the overlapping runs counted so far (one token may overlap two spans)
+    for start, end in spans:
+        lo = bisect_left(starts, start)
+        hi = min(bisect_left(starts, end), bisect_right(ends, end))
+        labels[lo:hi] = ids[lo:hi]
+        first, last = bisect_right(ends, start), bisect_left(starts, end)
+        boundary += max(0, last - max(first, covered)) - max(0, hi - max(lo, first))
+        covered = max(covered, last)
     return Encoded(ids, labels, boundary)

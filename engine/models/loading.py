@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.errors import CheckpointError
+from engine.hub import resolve_checkpoint_dir
 
 from .config import ModelArgs
 from .decoder import CausalLM
@@ -62,24 +63,6 @@ def from_pretrained(
     model.to_empty(device=device)
     load_safetensors(model, ckpt_dir)
     return model.eval()
-
-
-def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    # Anything that looks like a filesystem path is a local checkpoint that is not there; only a
-    # bare "org/name" goes to the hub.
-    if path.exists() or path.is_absolute() or text.startswith((".", "~")):
-        raise CheckpointError(f"checkpoint directory not found (or not a directory): {text}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo, bad id: all reported alike
-        raise CheckpointError(f"{text}: not a local directory, and fetching it from the Hugging Face hub failed "
-                              f"({type(e).__name__}: {e}); give the path of a downloaded checkpoint") from None
 
 
 def _tensor_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:
