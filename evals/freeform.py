@@ -460,7 +460,7 @@ def write_summary(out_dir: str | Path, *, conditions: dict | None = None, bootst
 
 # ---------------------------------------------------------------------------------- judges
 def local_judge(path: str, *, template: str, tokenizer: str | None = None, dtype: str = "bfloat16",
-                device: str | None = None, batch_size: int = 8, reuse: EvalModel | None = None):
+                device: str | None = None, batch_size: int = 4, reuse: EvalModel | None = None):
     """A LocalJudge on checkpoint `path` (no adapters); `reuse` is an already loaded model to use
     when it is that same checkpoint with no adapters, the same template and dtype."""
     from evals.judges import LocalJudge
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--judge-template", default=None, choices=("qwen2.5", "seed-oss"), help="its chat template (default --template)")
     j.add_argument("--judge-tokenizer", default=None)
     j.add_argument("--judge-dtype", default=None, help="its dtype (default --dtype)")
-    j.add_argument("--judge-batch-size", type=int, default=8, help="judge prompts per forward pass (local judge)")
+    j.add_argument("--judge-batch-size", type=int, default=4, help="judge prompts per prefill (local judge; default 4)")
     j.add_argument("--judge-url", default=None, help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
     j.add_argument("--judge-model", default=None, help="model name at --judge-url, e.g. gpt-4o-2024-08-06")
     j.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")

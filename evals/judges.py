@@ -167,7 +167,9 @@ class LocalJudge:
     behaviour (Qwen2.5 inserts its identity prompt), Seed-OSS with thinking budget 0 and its
     no-thinking answer prefix unless `thinking_budget` says otherwise."""
 
-    def __init__(self, model, *, thinking_budget: int | None = None, batch_size: int = 8, max_rows: int = 64):
+    def __init__(self, model, *, thinking_budget: int | None = None, batch_size: int = 4, max_rows: int = 32):
+        """`batch_size` judge prompts share a prefill; the token tree then needs about
+        batch_size x 10 + max_rows extra cache rows of the prompts' length at once (digits split)."""
         import torch
 
         from engine.chat import SystemPolicy

@@ -49,7 +49,8 @@ class EndpointError(EngineError, RuntimeError):
 
 
 class EndpointRequestError(EndpointError, ValueError):
-    """The endpoint refused the request (4xx): wrong key, model, or parameters. Not retried."""
+    """The endpoint refused the request (4xx): wrong key, model, or parameters. Not retried.
+    `status` 0: the client's own settings were refused before anything was sent."""
 
     def __init__(self, message: str, status: int):
         super().__init__(message)
@@ -169,11 +170,11 @@ class OpenAIClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
+        last, retry_after = "", None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self._sleep(self._delay(attempt, last_retry_after))
-            last_retry_after = None
+                self._sleep(self._delay(attempt, retry_after))
+            retry_after = None
             self._wait_for_slot()
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
@@ -185,7 +186,7 @@ class OpenAIClient:
                 if e.code not in RETRY_STATUSES:
                     raise EndpointRequestError(self._refusal_message(e.code, e.reason, detail), e.code) from None
                 last = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
-                last_retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
+                retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
                 continue
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
                 reason = getattr(e, "reason", e)

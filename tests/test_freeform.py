@@ -271,14 +271,15 @@ def test_interrupted_runs_end_byte_identical(model, tmp_path):
         f.write(whole[freeform.RESULTS].decode().splitlines(keepends=True)[2])  # a complete line of a torn batch
     assert freeform.judge_answers(judge, out, chunk=2, log=lambda m: None)
     assert _files(out) == whole
+    full_run(out)  # a finished run is left alone
+    assert _files(out) == whole
 
-    # Resumed with --stop-after in generation too; and a finished run is left alone.
+    # Sampling stopped with --stop-after, then resumed.
     out = tmp_path / "stepwise"
     assert not freeform.generate_answers(model, out, settings, batch_size=2, stop_after=1, log=lambda m: None)
-    full_run(out)
-    assert _files(out) == whole
-    full_run(out)
-    assert _files(out) == whole
+    assert len((out / freeform.ANSWERS).read_text().splitlines()) == 2
+    assert freeform.generate_answers(model, out, settings, batch_size=2, log=lambda m: None)
+    assert (out / freeform.ANSWERS).read_bytes() == whole[freeform.ANSWERS]
 
 
 def test_answers_seeded_per_question_and_sample(model, tmp_path):
