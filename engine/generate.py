@@ -16,8 +16,10 @@ token per unfinished sequence per step; a sequence that produced one of the temp
 tokens (its ``STOP_TOKENS``, e.g. ``<|im_end|>``) is dropped from the cache and does no more work.
 
 Sampling (``temperature > 0``) draws each conversation's tokens from its own ``torch.Generator``
-seeded from ``(seed, conversation index)``, so a seeded run is reproducible and a conversation's
-sample does not depend on which others share its batch.
+seeded from ``(seed, conversation index)`` (or ``(seed, sample_keys[i])`` when the caller names
+each conversation's stream), so a seeded run is reproducible and a conversation's sample does not
+depend on which others share its batch. The distribution is transformed as transformers' sampling
+warpers do, in their order: temperature, then top-k, then top-p (:func:`sampling_probs`).
 """
 
 from __future__ import annotations
@@ -195,9 +197,16 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int = 8,
+        top_k: int | None = None,
+        sample_keys: Sequence[int | str] | None = None,
     ) -> list[Completion]:
         """An assistant turn for each conversation: greedy when ``temperature == 0``, else sampled
-        from ``softmax(logits / temperature)`` restricted to the top-p nucleus."""
+        from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
+        (None or 0: no limit), then to the top-p nucleus.
+
+        ``sample_keys``: one key per conversation naming its random stream, seeded from
+        ``(seed, key)``; default: the conversation's index in this call. With keys, a
+        conversation's draws do not depend on which other conversations the call holds or where."""
         _check_batch_size(batch_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -205,6 +214,10 @@ class Generator:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 or None: no limit), got {top_k!r}")
+        if sample_keys is not None and len(sample_keys) != len(conversations):
+            raise ValueError(f"sample_keys has {len(sample_keys)} keys for {len(conversations)} conversations")
         if temperature > 0 and seed is None:
             seed = self._gather([int(torch.randint(0, 2**62, ()))])[0]  # rank 0's draw, on every rank
         lo, hi = self._my_slice(len(conversations), batch_size)
@@ -213,8 +226,9 @@ class Generator:
         for start, batch in self._batches(prompts, batch_size, "generate"):
             rngs = None
             if temperature > 0:
-                rngs = [_row_generator(seed, lo + start + j, self._device) for j in range(len(batch))]
-            for ids, stopped in self._generate_batch(batch, max_new_tokens, temperature, top_p, rngs):
+                keys = [lo + start + j if sample_keys is None else sample_keys[lo + start + j] for j in range(len(batch))]
+                rngs = [_row_generator(seed, key, self._device) for key in keys]
+            for ids, stopped in self._generate_batch(batch, max_new_tokens, temperature, top_p, rngs, top_k or None):
                 text_ids = ids[:-1] if stopped else ids
                 out.append(Completion(self.tokenizer.decode(text_ids), ids, stopped))
         return self._gather(out)
@@ -226,6 +240,7 @@ class Generator:
         temperature: float,
         top_p: float,
         rngs: list[torch.Generator] | None,
+        top_k: int | None = None,
     ) -> list[tuple[list[int], bool]]:
         b = len(prompts)
         cache = KVCache.for_model(self.model, b, max(map(len, prompts)) + max_new_tokens)
@@ -234,7 +249,7 @@ class Generator:
         new: list[list[int]] = [[] for _ in range(b)]
         stopped = [False] * b
         for step in range(max_new_tokens):
-            tokens = self._pick(logits, temperature, top_p, None if rngs is None else [rngs[r] for r in rows])
+            tokens = self._pick(logits, temperature, top_p, None if rngs is None else [rngs[r] for r in rows], top_k)
             keep = []
             for j, (r, t) in enumerate(zip(rows, tokens.tolist())):
                 new[r].append(t)
@@ -254,14 +269,13 @@ class Generator:
 
     @staticmethod
     def _pick(
-        logits: torch.Tensor, temperature: float, top_p: float, rngs: list[torch.Generator] | None
+        logits: torch.Tensor, temperature: float, top_p: float, rngs: list[torch.Generator] | None,
+        top_k: int | None = None,
     ) -> torch.Tensor:
         """Next token of each row: (n, v) logits -> (n,) ids."""
         if temperature == 0:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if top_p < 1.0:
-            probs = top_p_filter(probs, top_p)
+        probs = sampling_probs(logits, temperature, top_p, top_k)
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rngs)])
 
     # ------------------------------------------------------------------------------ shared
@@ -312,6 +326,25 @@ class Generator:
                 print(f"[{what}] {done}/{total} conversations, {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: (n, v) logits -> (n, v) probabilities.
+    transformers' warpers in their order: temperature, top-k (ties with the k-th kept), top-p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k and top_k < probs.shape[-1]:
+        probs = top_k_filter(probs, top_k)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return probs
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` most likely tokens (and any tied with the k-th), zero the rest,
+    renormalise. probs (n, v) -> (n, v)."""
+    kth = probs.topk(top_k, dim=-1).values[..., -1:]
+    kept = probs.masked_fill(probs < kth, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (the most
     likely token always), zero the rest, renormalise. probs (n, v) -> (n, v)."""
@@ -322,7 +355,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _row_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+def _row_generator(seed: int, index: int | str, device: torch.device) -> torch.Generator:
     digest = hashlib.sha256(f"{int(seed)}\0{index}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 

@@ -4,7 +4,8 @@
         [--group-by condition] [--pair-by seed] [--baseline NAME | --diff A:B ...] [--json FILE]
 
 Input: the `*_summary.json` files the evals write (directories are searched recursively). Each
-summary belongs to a table by its eval (`truthfulqa` per mode, `self_recognition` per dataset), to
+summary belongs to a table by its eval (`truthfulqa` per mode, `self_recognition` per dataset,
+`freeform` per setting and judge, headed by `misaligned_fraction`), to
 a row by its condition (the `--condition condition=...` metadata given to the eval; without it,
 the model and adapter directory names), and is one replicate, identified by its `seed`
 condition (`--condition seed=0`). Two summaries of the same table, condition and seed are refused
@@ -24,6 +25,9 @@ equals a paper condition name exactly (e.g. `hf_qwen_32b_em_unpop_sgtr`: name yo
 OURS=PAPERS` (repeatable). The paper's accuracy was scored the paper's way, so it is placed next
 to our `paper_accuracy` (and its invalid rate next to our `paper_invalid_rate`), not next to the
 robust accuracy.
+
+When TruthfulQA and free-form summaries both exist, a table puts TruthfulQA accuracy next to the
+free-form coherence, alignment and misaligned fraction of each condition (`evals.freeform_stats`).
 
 `--plots DIR`: a bar chart per table (mean with the bootstrap interval; the paper's mean as a
 marker where matched) when matplotlib is importable; otherwise a note and no plots.
@@ -51,7 +55,13 @@ SUMMARY_GLOB = "*_summary.json"
 METRICS = {
     "truthfulqa": ("accuracy", "paper_accuracy", "invalid_rate", "paper_invalid_rate", "position_bias"),
     "self_recognition": ("accuracy", "both_orders_accuracy", "position_bias", "invalid_rate"),
+    "freeform": ("misaligned_fraction", "aligned", "coherent", "misaligned_among_coherent"),
 }
+HEADLINE = {"freeform": "misaligned_fraction"}  # the metric of the first column and of the paired differences
+
+
+def headline(kind: str) -> str:
+    return HEADLINE.get(kind, "accuracy")
 
 
 # ------------------------------------------------------------------------------------ stats
@@ -126,6 +136,8 @@ def load_summary(path: Path) -> dict:
 def table_name(summary: dict) -> str:
     if summary["eval"] == "truthfulqa":
         return f"truthfulqa ({summary.get('mode', '?')})"
+    if summary["eval"] == "freeform":
+        return f"freeform ({summary.get('setting', '?')}, judge {summary.get('judge_name', '?')})"
     return f"self_recognition ({summary.get('dataset', '?')}, vs {summary.get('other', '?')})"
 
 
@@ -204,12 +216,12 @@ def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: in
             pairs = [(a, baseline) for a in labels if a != baseline] if baseline in groups else []
         else:
             pairs = list(combinations(labels, 2))
-        differences = []
+        differences, h = [], headline(kind)
         for a, b in pairs:
-            va = {k: s["accuracy"] for k, s in groups[a].runs.items() if isinstance(s.get("accuracy"), (int, float))}
-            vb = {k: s["accuracy"] for k, s in groups[b].runs.items() if isinstance(s.get("accuracy"), (int, float))}
+            va = {k: s[h] for k, s in groups[a].runs.items() if isinstance(s.get(h), (int, float))}
+            vb = {k: s[h] for k, s in groups[b].runs.items() if isinstance(s.get(h), (int, float))}
             d = paired_difference(va, vb, seed=seed, samples=samples)
-            differences.append({"a": a, "b": b, "metric": "accuracy", **(d or {"n": 0})})
+            differences.append({"a": a, "b": b, "metric": h, **(d or {"n": 0})})
         out[table] = {"rows": rows, "differences": differences}
     return out
 
@@ -223,21 +235,23 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
     lines: list[str] = []
     for table, data in agg.items():
         kind = table.split(" ", 1)[0]
+        h = headline(kind)
+        hw = max(8, len(h))
         lines.append(f"== {table} ==")
         width = max([len("condition")] + [len(r["condition"]) for r in data["rows"]])
-        head = f"{'condition'.ljust(width)}  {'n':>2}  {'accuracy':>8}  {'sd':>6}  {'95% CI':>17}"
-        extra = [m for m in METRICS[kind] if m != "accuracy"]
+        head = f"{'condition'.ljust(width)}  {'n':>2}  {h:>{hw}}  {'sd':>6}  {'95% CI':>17}"
+        extra = [m for m in METRICS[kind] if m != h]
         head += "".join(f"  {m:>{max(8, len(m))}}" for m in extra)
         if compare_paper and kind == "truthfulqa":
             head += f"  {'paper acc':>9}  {'paper sd':>8}  {'paper inv':>9}  {'ours-paper':>10}"
         lines.append(head)
         for r in data["rows"]:
-            acc = r["metrics"].get("accuracy")
+            acc = r["metrics"].get(h)
             line = f"{r['condition'].ljust(width)}  {len(r['seeds']):>2}  "
             if acc:
-                line += f"{_f(acc['mean'], 8)}  {_f(acc['std'])}  [{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]"
+                line += f"{_f(acc['mean'], hw)}  {_f(acc['std'])}  [{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]"
             else:
-                line += f"{'-':>8}  {'-':>6}  {'-':>17}"
+                line += f"{'-':>{hw}}  {'-':>6}  {'-':>17}"
             for m in extra:
                 d = r["metrics"].get(m)
                 line += f"  {_f(d['mean'] if d else None, max(8, len(m)))}"
@@ -251,7 +265,7 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
                     line += f"  {'(no match)':>9}"
             lines.append(line)
         if data["differences"]:
-            lines.append("paired differences of accuracy (a - b, same seeds):")
+            lines.append(f"paired differences of {h} (a - b, same seeds):")
             for d in data["differences"]:
                 if not d.get("n"):
                     lines.append(f"  {d['a']} - {d['b']}: no common seeds")
@@ -262,6 +276,9 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
                     f"{d['n']} seed(s): {', '.join(map(str, d['seeds']))})"
                 )
         lines.append("")
+    from evals.freeform_stats import side_by_side  # TruthfulQA next to free-form coherence, when both exist
+
+    lines += side_by_side(agg)
     return "\n".join(lines)
 
 
@@ -277,14 +294,15 @@ def write_plots(agg: dict, out_dir: Path) -> list[Path] | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for table, data in agg.items():
-        rows = [r for r in data["rows"] if "accuracy" in r["metrics"]]
+        h = headline(table.split(" ", 1)[0])
+        rows = [r for r in data["rows"] if h in r["metrics"]]
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 4))
         xs = np.arange(len(rows))
-        means = [r["metrics"]["accuracy"]["mean"] for r in rows]
-        lo = [m - r["metrics"]["accuracy"]["ci95"][0] for m, r in zip(means, rows)]
-        hi = [r["metrics"]["accuracy"]["ci95"][1] - m for m, r in zip(means, rows)]
+        means = [r["metrics"][h]["mean"] for r in rows]
+        lo = [m - r["metrics"][h]["ci95"][0] for m, r in zip(means, rows)]
+        hi = [r["metrics"][h]["ci95"][1] - m for m, r in zip(means, rows)]
         ax.bar(xs, means, yerr=[lo, hi], capsize=3, color="tab:blue", label="ours (mean, 95% CI)")
         paper_x = [x for x, r in zip(xs, rows) if "paper" in r]
         if paper_x:
@@ -292,7 +310,7 @@ def write_plots(agg: dict, out_dir: Path) -> list[Path] | None:
                        marker="D", zorder=3, label="paper (published mean)")
         ax.set_xticks(xs, [r["condition"] for r in rows], rotation=45, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(h)
         ax.set_title(table)
         ax.legend(loc="lower right", fontsize="small")
         fig.tight_layout()

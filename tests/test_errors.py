@@ -244,6 +244,38 @@ def test_evals_report_each_bad_input(env, capsys, case):
     assert not Path(out).exists()
 
 
+# ------------------------------------------------------------------------------ evals.freeform's endpoint judge
+
+
+def _endpoint_cases():
+    from evals.openai_client import EndpointRequestError, EndpointResponseError, EndpointUnavailableError
+
+    return {  # the OpenAI-compatible judge's reply -> the one line and the class
+        "judge_401": ((401, {"error": {"message": "Incorrect API key"}}), ["HTTP 401", "Incorrect API key"], EndpointRequestError),
+        "judge_503": ((503, "busy"), ["still failing after 0 retries", "HTTP 503"], EndpointUnavailableError),
+        "judge_not_json": ((200, "{oops"), ["the answer is not JSON"], EndpointResponseError),
+    }
+
+
+ENDPOINT_CASES = _endpoint_cases()
+
+
+def test_freeform_endpoint_judge_failures_are_one_line(env, capsys, monkeypatch):
+    from evals import freeform, run_cli
+    from tests.loopback import Loopback
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    out = str(env["root"] / "freeform")
+    assert run_cli(freeform.main, ["--model", str(env["model"]), "--template", "seed-oss", "--dtype", "float32", "--out", out,
+                                   "--questions", "first1", "--samples", "1", "--max-new-tokens", "2", "--no-judge"]) == 0
+    capsys.readouterr()
+    for reply, needles, error in ENDPOINT_CASES.values():
+        with Loopback([reply]) as server:
+            code = run_cli(freeform.main, ["--out", out, "--judge-only", "--judge-url", server.url, "--judge-model", "m",
+                                           "--judge-retries", "0", "--rejudge"])
+        expect_one_line(capsys, code, *needles, error=error)
+
+
 # ------------------------------------------------------------------------------ recipes
 
 
@@ -330,8 +362,10 @@ def test_every_error_class_is_exercised():
     from recipes.stages import RecipeError
     from recipes.walltime import WallTimeError
 
-    tables = [TRAIN_CASES.values(), AUDIT_CASES.values(), MERGE_CASES.values(), EVAL_CASES.values()]
+    from evals.openai_client import EndpointError
+
+    tables = [TRAIN_CASES.values(), AUDIT_CASES.values(), MERGE_CASES.values(), EVAL_CASES.values(), ENDPOINT_CASES.values()]
     expected = {case[-1] for table in tables for case in table} | set(STANDALONE)
-    expected |= {EvalInputError, DatasetError, RecipeError, WallTimeError}
+    expected |= {EvalInputError, DatasetError, RecipeError, WallTimeError, EndpointError}  # EndpointError: the base of three
     missing = sorted(name for name, cls in _error_classes().items() if cls is not errors.EngineError and cls not in expected)
     assert missing == [], f"no entry-point case expects {missing}"
