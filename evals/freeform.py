@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     conditions = parse_conditions(args.condition)
     chosen = [o for o, v in (("--judge-local", args.judge_local), ("--judge-url", args.judge_url), ("--no-judge", args.no_judge)) if v]
     if len(chosen) != 1:
-        raise EvalInputError(f"choose one judge: --judge-local DIR, --judge-url URL (with --judge-model) or --no-judge"
+        raise EvalInputError("choose one judge: --judge-local DIR, --judge-url URL (with --judge-model) or --no-judge"
                              + (f"; got {' and '.join(chosen)}" if chosen else ""))
     if args.judge_url and not args.judge_model:
         raise EvalInputError("--judge-url needs --judge-model (the model name at the endpoint)")
