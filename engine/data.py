@@ -22,6 +22,7 @@ import torch
 
 from engine.chat import IGNORE_INDEX, ChatFormatError, SystemPolicy, encode, get_template
 from engine.chat.base import apply_policy
+from engine.chat.encode import BOUNDARY_POLICIES
 from engine.errors import ConfigError, DataError, DataErrors
 from engine.tokenizer import Tokenizer
 
@@ -35,8 +36,9 @@ class Sample:
     labels: list[int]  # -100 where not trained
     source: str  # "file:line"
     system: str | None  # text of the leading system block as rendered; None = no system block
-    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary (masked)
+    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary, masked
     truncated: bool = False
+    boundary_trained: int = 0  # tokens straddling a trained span's start, trained (boundary_tokens = train)
 
     @property
     def num_trained(self) -> int:
@@ -68,6 +70,7 @@ class DataStats:
     tokens: int = 0
     trained_tokens: int = 0
     boundary_tokens: int = 0
+    boundary_trained: int = 0
     system_texts: Counter = field(default_factory=Counter)  # system text (None = no block) → samples
 
 
@@ -123,12 +126,16 @@ def load_samples(
     overlong: str = "drop",
     skip_invalid: bool = False,
     limit: int | None = None,
+    boundary_tokens: str = "train",
 ) -> Dataset:
-    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows."""
+    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows;
+    `boundary_tokens` (train | mask) is `engine.chat.encode`'s `boundary`."""
     if overlong not in OVERLONG_MODES:
         raise ConfigError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
     if max_len < 1:
         raise ConfigError(f"max_len must be positive, got {max_len}")
+    if boundary_tokens not in BOUNDARY_POLICIES:
+        raise ConfigError(f"boundary_tokens must be one of {', '.join(BOUNDARY_POLICIES)}, got {boundary_tokens!r}")
     module = get_template(template)
     rows, errors = read_rows(path, limit)
     total_rows = len(rows) + len(errors)  # parse errors are rows too
@@ -154,8 +161,9 @@ def load_samples(
     stats = DataStats(rows=total_rows, invalid=len(errors))
     samples: list[Sample] = []
     for line_no, segments, system in rendered:
-        enc = encode(tokenizer, segments)
-        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", system, enc.boundary_tokens)
+        enc = encode(tokenizer, segments, boundary_tokens)
+        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", system, enc.boundary_tokens,
+                        boundary_trained=enc.boundary_trained)
         if len(sample.input_ids) > max_len:
             if overlong == "drop":
                 stats.dropped_overlong += 1
@@ -170,6 +178,7 @@ def load_samples(
         stats.tokens += len(sample.input_ids)
         stats.trained_tokens += sample.num_trained
         stats.boundary_tokens += sample.boundary_tokens
+        stats.boundary_trained += sample.boundary_trained
         stats.system_texts[system] += 1
     stats.kept = len(samples)
     return Dataset(str(path), template, policy, samples, stats, errors if skip_invalid else [])

@@ -146,7 +146,9 @@ def test_seed_oss_labels(seed_oss_tokenizer):
 
 def test_straddling_token_is_masked_and_counted(qwen25_tokenizer):
     # Content starting with a newline: BPE merges it with the header's newline into one token.
-    enc = encode(qwen25_tokenizer, render("qwen2.5", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nYes"}]))
+    # (Trained by default, as Axolotl does: tests/test_boundary_tokens.py.)
+    enc = encode(qwen25_tokenizer, render("qwen2.5", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nYes"}]),
+                 boundary="mask")
     assert enc.boundary_tokens == 1
     assert trained_text(qwen25_tokenizer, enc) == ["Yes<|im_end|>"]
 
