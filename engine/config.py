@@ -116,6 +116,11 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 # How a step's token losses are weighted: engine.train.sample_loss_weights.
 LOSS_NORMALIZATIONS = ("step_tokens", "micro_batch_mean", "step_tokens_div_accum")
 
+# What a run ran with before these settings existed (a config.json written by an older engine
+# lacks them): torch's AdamW, the step's token mean, and straddling tokens masked.
+SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "loss_normalization": "step_tokens", "loss_micro_batch_size": 2,
+                                "boundary_tokens": "mask"}
+
 # Settings that may change between an interrupted run and its resumption.
 # (The number of ranks may change too: the data order, adapter and optimizer state do not depend on it.)
 # Settings that change neither the data order nor the arithmetic of a step (recomputation replays

@@ -56,6 +56,7 @@ partial maxima, one per parameter and step. The state goes through
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable
 
@@ -142,6 +143,11 @@ def fix_sign(codes: torch.Tensor, m: torch.Tensor, code: torch.Tensor) -> torch.
     return torch.where(wrong, moved, codes)
 
 
+@functools.lru_cache(maxsize=None)
+def _code_books(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return SIGNED_MAP.to(device), UNSIGNED_MAP.to(device)
+
+
 def _sqrt(t: torch.Tensor) -> torch.Tensor:
     """The correctly rounded fp32 square root (CUDA's sqrtf): torch's vectorised CPU sqrt is off
     by an ulp for about a fifth of fp32 inputs; the float64 root rounded to fp32 is exact."""
@@ -168,7 +174,8 @@ class AdamW8bit(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, min_8bit_size: int = MIN_8BIT_SIZE):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid AdamW8bit settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise ValueError(f"invalid AdamW8bit settings: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
         for group in self.param_groups:
@@ -183,9 +190,10 @@ class AdamW8bit(torch.optim.Optimizer):
         # state in place never writes into the caller's state dict.
         super().load_state_dict(state_dict)
         for state in self.state.values():
+            codes = ("state1", "state2") if "absmax1" in state else ()
             for key, value in state.items():
                 if torch.is_tensor(value):
-                    state[key] = value.to(torch.uint8) if "absmax1" in state and key in ("state1", "state2") else value.clone()
+                    state[key] = value.to(torch.uint8) if key in codes else value.clone()
 
     def is_8bit(self, p: torch.Tensor) -> bool:
         return p.numel() >= self.min_8bit_size  # the whole parameter's size, sharded or not
@@ -259,7 +267,7 @@ def _update_8bit(p: torch.Tensor, state: dict, k: _Scalars) -> None:
     start, n = _flat_start(p), local_p.numel()
     first, lead = start // BLOCK_SIZE, start % BLOCK_SIZE
     last = -(-(start + n) // BLOCK_SIZE)  # one past this shard's last block
-    signed_map, unsigned_map = SIGNED_MAP.to(g.device), UNSIGNED_MAP.to(g.device)
+    signed_map, unsigned_map = _code_books(g.device)
 
     def per_element(scales: torch.Tensor) -> torch.Tensor:  # each element's block scale
         return scales[first:last].repeat_interleave(BLOCK_SIZE)[lead:lead + n]
@@ -291,7 +299,7 @@ def _update_8bit(p: torch.Tensor, state: dict, k: _Scalars) -> None:
     absmax1.copy_(new1)
     absmax2.copy_(new2)
 
-    flat_p = local_p.reshape(-1)
+    flat_p = local_p.view(-1)  # a view: parameters (and FSDP2 shards) are contiguous
     new_p = flat_p + (m / (_sqrt(v) + k.eps_c2)) * k.step_size
     if k.decay is not None:
         new_p = new_p * k.decay

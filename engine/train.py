@@ -4,9 +4,11 @@ The same command runs as one process or under `torchrun --nproc_per_node N` (FSD
 ranks, gloo on CPU, NCCL on GPU). One optimizer step consumes `batch_size` samples (the paper: 16),
 in an order fixed by the seed. The step's samples are dealt to the ranks balancing tokens, each
 rank packs its own into varlen rows of at most `micro_batch_tokens` tokens (no padding; attention
-and positions restart at each sample), and every row's summed token loss is divided by the number of trained tokens of the
-*whole step*, so the step's gradient is the same however its samples are split into micro-batches
-or ranks (HF's fixed gradient accumulation does the same).
+and positions restart at each sample), and every trained token's loss is weighted by a number that
+depends only on the step's samples and their order (`sample_loss_weights`): by default 1 / the
+trained tokens of the *whole step* (HF's fixed gradient accumulation does the same), or as one of
+Axolotl's releases averaged (`loss_normalization`). So the step's gradient is the same however its
+samples are split into micro-batches or ranks. The optimizer: `engine.optim`.
 
 The run directory (`out_dir`): `engine.rundir`. The model: `engine.assemble.build_model`.
 """
@@ -228,8 +230,9 @@ class Trainer:
 
     def train_step(self, step_samples: list[Sample]) -> dict:
         cfg = self.cfg
-        loss_total, n_targets, tokens = accumulate_gradients(self.model, step_samples, self.dist, cfg.micro_batch_tokens,
-                                                             cfg.loss_normalization, cfg.loss_micro_batch_size)
+        loss_total, n_targets, tokens = accumulate_gradients(
+            self.model, step_samples, self.dist, cfg.micro_batch_tokens, cfg.loss_normalization,
+            cfg.loss_micro_batch_size)
         step_loss = loss_total / max(1, n_targets)
         if not math.isfinite(step_loss):
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"

@@ -21,8 +21,8 @@ import torch
 
 from engine import parallel
 from engine.errors import ConfigError
-from engine.optim import (BLOCK_SIZE, SIGNED_MAP, UNSIGNED_MAP, AdamW8bit, build_optimizer, create_dynamic_map, fix_sign,
-                          quantize_codes)
+from engine.optim import (BLOCK_SIZE, SIGNED_MAP, UNSIGNED_MAP, AdamW8bit, build_optimizer, create_dynamic_map,
+                          fix_sign, quantize_codes)
 from tests import bnb_reference as ref
 from tests import dist_worker_optim as worker
 from tests.tiny import em_subset, tiny_seed_oss_checkpoint
@@ -176,8 +176,8 @@ def single_process_run(tmp: Path | None = None) -> dict:
     if tmp is not None:
         (tmp / "single_step3.pt").write_bytes(buffer.getvalue())
     worker.run_steps(module, opt, range(worker.RESUME_AT + 1, worker.STEPS + 1))
-    return {"step3": torch.load(io.BytesIO(buffer.getvalue()), weights_only=False), "params5": worker.full_params(module),
-            "state5": parallel.get_full_optimizer_state(module, opt)}
+    return {"step3": torch.load(io.BytesIO(buffer.getvalue()), weights_only=False),
+            "params5": worker.full_params(module), "state5": parallel.get_full_optimizer_state(module, opt)}
 
 
 def resume_single(params: dict, state: dict) -> dict:
@@ -217,8 +217,10 @@ def test_two_ranks_equal_one_process_and_resume_across_world_sizes(tmp_path):
     run = single_process_run(tmp_path)
     ckpt = tiny_seed_oss_checkpoint(tmp_path / "model")
     data = em_subset(tmp_path / "em.jsonl", 8)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in torchrun_vars}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "dist_worker_optim.py"), str(tmp_path), str(ckpt), str(data)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -245,10 +247,12 @@ def test_two_ranks_equal_one_process_and_resume_across_world_sizes(tmp_path):
 
 
 def test_against_bitsandbytes_cpu_backend():
-    """bitsandbytes' code books and dequantisation are ours bit for bit. Its CPU backend (0.50+;
-    not what the paper's GPUs ran) decays before the step and quantizes with an approximate
-    search, so after one step: the parameters agree to an ulp (no decay), and wherever its
-    codes differ from ours, ours is the nearer one to the moment."""
+    """With bitsandbytes installed (skipped otherwise; CI does not install it): its code books and
+    its dequantisation are ours bit for bit. Its CPU backend (0.50+, not what the paper's GPUs ran)
+    decays before the step instead of after, takes 1 - beta2 in float64 and quantizes with an
+    approximate search, so one step from zero moments (no decay) agrees with ours to the rounding
+    of the parameter and the update, the scales to that of 1 - beta2, and wherever its codes
+    differ from ours, ours is the nearer one to the moment."""
     bnb = pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as F
 

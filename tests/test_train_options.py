@@ -63,7 +63,8 @@ def trainer_gradients(model, samples, budget: int, world: int, normalization: st
     """The trainer's accumulation with `world` ranks run one after the other in this process."""
     model.zero_grad(set_to_none=True)
     for rank in range(world):
-        accumulate_gradients(model, samples, parallel.Dist(rank, world, rank, torch.device("cpu")), budget, normalization)
+        dist = parallel.Dist(rank, world, rank, torch.device("cpu"))
+        accumulate_gradients(model, samples, dist, budget, normalization)
     return {n: p.grad.clone() for n, p in lora.named_trainable_lora_parameters(model)}
 
 
@@ -121,6 +122,25 @@ def test_8bit_micro_batch_mean_run_resumes_exactly(setup):
     assert [m["loss"] for m in metrics[0]] == [m["loss"] for m in metrics[1]] and len(metrics[0]) == 2
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (full, part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_recorded_before_these_settings_resumes_with_what_it_ran_with(setup, tmp_path):
+    from engine.errors import RunDirError
+    from engine.rundir import RunDir
+
+    cfg = TrainConfig(**settings(setup, "old", out_dir=str(tmp_path / "old"), resume=True))
+    run_dir = RunDir(cfg.out_dir)
+    run_dir.write_config(cfg, 1)
+    record = json.loads(run_dir.config_path.read_text())
+    for key in ("optimizer", "loss_normalization", "loss_micro_batch_size", "boundary_tokens"):
+        del record[key]
+    run_dir.config_path.write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match="boundary_tokens: 'mask' -> 'train'.*loss_normalization: 'step_tokens' -> "
+                                          "'micro_batch_mean'.*optimizer: 'adamw' -> 'adamw_8bit'"):
+        run_dir.check_start(cfg, 1)
+    old = TrainConfig(**settings(setup, "old", out_dir=str(tmp_path / "old"), resume=True, optimizer="adamw",
+                                 loss_normalization="step_tokens", boundary_tokens="mask"))
+    assert run_dir.check_start(old, 1) and run_dir.read_config().boundary_tokens == "mask"
 
 
 def test_bad_settings_are_refused(setup):
