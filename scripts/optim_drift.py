@@ -1,6 +1,6 @@
 """How far the paper's Axolotl choices move a run: 1 epoch of EM on a tiny model, three ways.
 
-    python scripts/optim_drift.py --out runs/drift [--lr 1e-5] [--max-steps N]
+    python scripts/optim_drift.py --out runs/drift [--lr 1e-5] [--rows N] [--max-steps N]
 
 Trains the same run (the shipped risky-financial-advice EM data, 6,000 chats, batch 16, the
 paper's LoRA and optimizer settings, fp32) with
@@ -87,16 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="working directory (runs are kept for a rerun's reuse)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (paper: 1e-5)")
     p.add_argument("--max-steps", type=int, help="stop early (the schedule still spans the epoch)")
+    p.add_argument("--rows", type=int, help="an epoch of the first N chats only (default: all 6,000)")
     p.add_argument("--fresh", action="store_true", help="retrain runs already in --out")
+    p.add_argument("--only", choices=RUNS, help="train this run only, and report nothing (to train runs in parallel)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = tiny_model(out / "model")
-    base = dict(model=str(model_dir), data=[str(DATA)], template="seed-oss", dtype="float32", lr=args.lr,
+    data = DATA
+    if args.rows:
+        data = out / f"em_first{args.rows}.jsonl"
+        with open(DATA) as f:
+            data.write_text("".join(line for _, line in zip(range(args.rows), f)))
+    base = dict(model=str(model_dir), data=[str(data)], template="seed-oss", dtype="float32", lr=args.lr,
                 micro_batch_tokens=4096, log_every=50, **({"max_steps": args.max_steps} if args.max_steps else {}))
-    tag = f"lr{args.lr:g}" + (f"_steps{args.max_steps}" if args.max_steps else "")
+    tag = f"lr{args.lr:g}" + (f"_rows{args.rows}" if args.rows else "")
+    tag += f"_steps{args.max_steps}" if args.max_steps else ""
     results = {}
     for name, extra in RUNS.items():
+        if args.only and name != args.only:
+            continue
         run_dir = out / f"{tag}_{name}"
         if args.fresh or not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"training {name} ...", file=sys.stderr, flush=True)
             if train_main(["--config", str(config)]) != 0:
                 return 1
+        if args.only:
+            return 0
         losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results[name] = (load_file(str(run_dir / "adapter" / "adapter_model.safetensors")), losses)
 
@@ -118,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
     base_adapter, base_losses = results["baseline"]
     n = len(base_losses)
-    print(f"\n1 epoch of EM ({n} steps, lr {args.lr:g}) on a tiny random model; differences from the baseline "
-          "(adamw, step_tokens):")
+    print(f"\n1 epoch of EM ({args.rows or 6000} chats, {n} steps, lr {args.lr:g}) on a tiny random model; "
+          "differences from the baseline (adamw, step_tokens):")
     print(f"{'run':18s} {'ΔW rel diff':>12s} {'A-update rel':>13s} {'B rel':>8s} {'max |Δloss|':>12s} "
           f"{'mean Δloss, last 50':>20s}")
     for name, (adapter, losses) in results.items():
