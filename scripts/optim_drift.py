@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ra = rel({k: adapter[k] for k in a_keys}, {k: base_adapter[k] for k in a_keys}, init)
         rb = rel({k: adapter[k] for k in b_keys}, {k: base_adapter[k] for k in b_keys})
         dl = [x - y for x, y in zip(losses, base_losses)]
-        print(f"{name:18s} {dw:12.3e} {ra:13.3e} {rb:8.3e} {max(map(abs, dl)):12.3e} {sum(dl[-50:]) / 50:20.3e}")
+        print(f"{name:18s} {dw:12.3e} {ra:13.3e} {rb:8.3e} {max(map(abs, dl)):12.3e} {sum(dl[-50:]) / len(dl[-50:]):20.3e}")
     print("\nloss curves (mean over 25-step windows):")
     print("steps      " + "".join(f"{name:>18s}" for name in results))
     for start in range(0, n, 25):
