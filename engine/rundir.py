@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import checkpoint
-from engine.config import RESUME_MAY_CHANGE, TrainConfig, config_diff
+from engine.config import RESUME_MAY_CHANGE, SETTINGS_BEFORE_THEY_EXISTED, TrainConfig, config_diff
 from engine.errors import RunDirError
 
 CONFIG = "config.json"
@@ -105,7 +105,7 @@ class RunDir:
             raise RunDirError(f"{self.path} is not a training run directory (no {CONFIG}); "
                               "give the out_dir of a run of `python -m engine.train`")
         try:
-            return json.loads(self.config_path.read_text(encoding="utf-8"))
+            return SETTINGS_BEFORE_THEY_EXISTED | json.loads(self.config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunDirError(f"{self.config_path}: unreadable ({e}); the run directory is damaged") from None
 

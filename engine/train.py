@@ -4,9 +4,11 @@ The same command runs as one process or under `torchrun --nproc_per_node N` (FSD
 ranks, gloo on CPU, NCCL on GPU). One optimizer step consumes `batch_size` samples (the paper: 16),
 in an order fixed by the seed. The step's samples are dealt to the ranks balancing tokens, each
 rank packs its own into varlen rows of at most `micro_batch_tokens` tokens (no padding; attention
-and positions restart at each sample), and every row's summed token loss is divided by the number of trained tokens of the
-*whole step*, so the step's gradient is the same however its samples are split into micro-batches
-or ranks (HF's fixed gradient accumulation does the same).
+and positions restart at each sample), and every trained token's loss is weighted by a number that
+depends only on the step's samples and their order (`sample_loss_weights`): by default 1 / the
+trained tokens of the *whole step* (HF's fixed gradient accumulation does the same), or as one of
+Axolotl's releases averaged (`loss_normalization`). So the step's gradient is the same however its
+samples are split into micro-batches or ranks. The optimizer: `engine.optim`.
 
 The run directory (`out_dir`): `engine.rundir`. The model: `engine.assemble.build_model`.
 """
@@ -28,6 +30,7 @@ from engine.assemble import Layout, build_model, read_model_args, torch_dtype
 from engine.config import TrainConfig, load_config
 from engine.data import Sample, load_samples
 from engine.errors import EngineError, TrainingError, report
+from engine.optim import build_optimizer
 from engine.models import CausalLM
 from engine.packing import PackedBatch, collate_packed, pack
 from engine.rundir import RunDir, RunRecords
@@ -107,10 +110,13 @@ class Trainer:
         self.samples: list[Sample] = []
         for path in cfg.data:  # every rank loads all data (cheap) and so knows every step's token count
             ds = load_samples(path, tokenizer, cfg.template, cfg.policy(), max_len=cfg.max_len,
-                              overlong="truncate" if cfg.truncate else "drop", skip_invalid=cfg.skip_invalid)
+                              overlong="truncate" if cfg.truncate else "drop", skip_invalid=cfg.skip_invalid,
+                              boundary_tokens=cfg.boundary_tokens)
             st = ds.stats
+            boundary = f", {st.boundary_trained} boundary token(s) trained" if st.boundary_trained else ""
             self.log(f"data {path}: {st.kept} samples ({st.invalid} invalid, {st.dropped_overlong} over "
-                     f"{cfg.max_len} tokens dropped, {st.truncated} truncated), {st.trained_tokens} trained tokens")
+                     f"{cfg.max_len} tokens dropped, {st.truncated} truncated), {st.trained_tokens} trained tokens"
+                     f"{boundary}")
             self.samples += ds.samples
         if not self.samples:
             raise TrainingError("no training samples left after loading the data")
@@ -124,10 +130,8 @@ class Trainer:
                                  layout=layout, stack_adapters=cfg.stack_adapters, new_adapter=self.lora_config,
                                  seed=cfg.seed)
         self.params = lora.trainable_lora_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = build_optimizer(cfg.optimizer, self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                         eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, self.total_steps)
         )
@@ -227,7 +231,9 @@ class Trainer:
 
     def train_step(self, step_samples: list[Sample]) -> dict:
         cfg = self.cfg
-        loss_total, n_targets, tokens = accumulate_gradients(self.model, step_samples, self.dist, cfg.micro_batch_tokens)
+        loss_total, n_targets, tokens = accumulate_gradients(
+            self.model, step_samples, self.dist, cfg.micro_batch_tokens, cfg.loss_normalization,
+            cfg.loss_micro_batch_size)
         step_loss = loss_total / max(1, n_targets)
         if not math.isfinite(step_loss):
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
@@ -278,31 +284,107 @@ class Trainer:
         parallel.barrier()
 
 
-def accumulate_gradients(model: CausalLM, step_samples: list[Sample], dist: parallel.Dist,
-                         micro_batch_tokens: int) -> tuple[float, int, int]:
-    """Forward and backward one optimizer step's samples on this rank, gradients scaled by 1 / the
-    step's trained-token count. Returns (summed loss over all ranks, trained tokens, tokens)."""
+def sample_loss_weights(step_samples: list[Sample], normalization: str = "step_tokens",
+                        micro_batch_size: int = 2) -> list[float]:
+    """The weight of each trained token's loss, per sample of one optimizer step, in step order.
+
+    step_tokens            1 / the step's trained tokens: the step's mean token loss (HF's fixed
+                           gradient accumulation; ours by default).
+    micro_batch_mean       1 / (trained tokens of the sample's micro-batch) / (micro-batches in the
+                           step): the mean over the step's micro-batches of each one's mean token
+                           loss, as Axolotl >= 0.17 computes it. A micro-batch is `micro_batch_size`
+                           consecutive samples of the step in its order, as Axolotl's data loader
+                           would form them (the step's last one may be shorter).
+    step_tokens_div_accum  step_tokens divided again by the number of micro-batches: Axolotl 0.15.0
+                           with its pinned transformers, which divides by the accumulation steps twice.
+
+    The weights depend on the step's samples and their order only, never on how the step is
+    packed into rows or dealt to ranks, so neither changes the step's gradient.
+    """
+    n_targets = sum(s.num_targets for s in step_samples)
+    groups = [step_samples[i:i + micro_batch_size] for i in range(0, len(step_samples), micro_batch_size)]
+    if normalization == "step_tokens":
+        return [1.0 / max(1, n_targets)] * len(step_samples)
+    if normalization == "step_tokens_div_accum":
+        return [1.0 / max(1, n_targets) / len(groups)] * len(step_samples)
+    if normalization != "micro_batch_mean":
+        raise ValueError(f"unknown loss normalization {normalization!r}")
+    weights = []
+    for group in groups:
+        group_targets = sum(s.num_targets for s in group)
+        weights += [1.0 / group_targets / len(groups) if group_targets else 0.0] * len(group)
+    return weights
+
+
+def accumulate_gradients(model: CausalLM, step_samples: list[Sample], dist: parallel.Dist, micro_batch_tokens: int,
+                         normalization: str = "step_tokens", micro_batch_size: int = 2) -> tuple[float, int, int]:
+    """Forward and backward one optimizer step's samples on this rank, every trained token's loss
+    weighted by `sample_loss_weights`. Returns (summed loss over all ranks, trained tokens, tokens).
+
+    When all the step's samples weigh the same (step_tokens, step_tokens_div_accum) the packed
+    row's summed loss is scaled by that weight; otherwise the gradient reaching the final hidden
+    states is scaled position by position by the weight of the sample each position belongs to
+    (`_ScaleGrad`), which is exact: a position's hidden state feeds only its own token's loss.
+    The returned loss is unweighted (the step's mean token loss is loss / trained tokens)."""
     n_targets = sum(s.num_targets for s in step_samples)  # the whole step's, known on every rank
+    weights = sample_loss_weights(step_samples, normalization, micro_batch_size)
+    uniform = len(set(weights)) == 1
+    weight_of = {id(s): w for s, w in zip(step_samples, weights)}
     rows, n_micro = rank_micro_batches(step_samples, dist.rank, dist.world_size, micro_batch_tokens)
     loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)  # on device: no sync per micro-batch
     tokens = 0
     for i in range(n_micro):
         parallel.set_gradient_sync(model, i == n_micro - 1)  # reduce across ranks once per step
-        if i < len(rows):
-            batch = collate_packed(rows[i]).to(dist.device)
-            tokens += batch.input_ids.numel()
-            scale = 1.0
-        else:  # this rank ran out of rows: a zero-weight pass keeps FSDP's collectives in step
-            batch = _dummy_batch(dist.device)
-            scale = 0.0
-        loss = model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
-                     targets=batch.targets)
-        (loss * (scale / max(1, n_targets))).backward()
-        loss_sum += loss.detach() * scale
+        if i >= len(rows):  # this rank ran out of rows: a zero-weight pass keeps FSDP's collectives in step
+            loss = _forward(model, _dummy_batch(dist.device))
+            (loss * 0.0).backward()
+            continue
+        batch = collate_packed(rows[i]).to(dist.device)
+        tokens += batch.input_ids.numel()
+        if uniform:
+            loss = _forward(model, batch)
+            (loss * weights[0]).backward()
+        else:
+            position_weights = torch.tensor([weight_of[id(s)] for s in rows[i] for _ in s.input_ids],
+                                            dtype=torch.float32, device=dist.device)
+            loss = _forward(model, batch, position_weights)
+            loss.backward()
+        loss_sum += loss.detach()
     if dist.world_size > 1 and not parallel.is_sharded(model):  # replicated: sum the adapters' gradients
         parallel.all_reduce_gradients_(lora.trainable_lora_parameters(model))
     totals = parallel.all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
     return totals[0].item(), n_targets, int(totals[1].item())
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient of position t by weights[t] (in fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weights,) = ctx.saved_tensors
+        return (grad.float() * weights.view(1, -1, 1)).to(grad.dtype), None
+
+
+def _forward(model: CausalLM, batch: PackedBatch, position_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The packed row's summed token loss. With ``position_weights``, the gradient into the final
+    hidden states (the decoder stack's output, which feeds only the LM head and the loss) is
+    scaled position by position."""
+    def forward() -> torch.Tensor:
+        return model(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                     targets=batch.targets)
+
+    if position_weights is None:
+        return forward()
+    hook = model.model.register_forward_hook(lambda module, args, out: _ScaleGrad.apply(out, position_weights))
+    try:
+        return forward()
+    finally:
+        hook.remove()
 
 
 def _dummy_batch(device) -> PackedBatch:
