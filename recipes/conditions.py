@@ -4,10 +4,10 @@ seed, and the names the paper gives them.
 Condition names follow the paper's code release (atagade/sgtr-em: build_configs*.py,
 lightweight/full_pipeline*.sh, MODEL_README.md) and evals/data/paper_truthfulqa_binary.csv, so
 `python -m evals.report --compare-paper` finds the paper's row: `<prefix>_<stage tag><policy
-tag>_<stage tag><policy tag>`, e.g. `hf_qwen_32b_em_unpop_sgtr_qwensys` (the paper's early names without
-their EM dataset match through `evals.report.PAPER_ALIASES`; `python -m recipes.paper NAME` prints the
-command of a paper row). The command-line options
-of every recipe and how they resolve into `RunSettings` live here too; `recipes.stages` runs them.
+tag>_<stage tag><policy tag>`, e.g. `hf_qwen_32b_em_unpop_sgtr_qwensys` (the paper's early names
+without their EM dataset match through `evals.report.PAPER_ALIASES`; `python -m recipes.paper NAME`
+prints the command of a paper row). The command-line options of every recipe and how they resolve
+into `RunSettings` live here too; `recipes.stages` runs them.
 """
 
 from __future__ import annotations
