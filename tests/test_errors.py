@@ -315,11 +315,15 @@ def test_recipes_report_each_bad_input(tmp_path, capsys, case):
 
 
 def test_dataset_builder_walltime_and_workloads_report_bad_input(env, capsys):
-    from recipes import datasets, walltime, workloads
+    from recipes import datasets, openai_format, walltime, workloads
 
     code = datasets.main(["sgtr", "--target", "human", "--other", "human", "--out", str(env["root"] / "d.jsonl")])
     expect_one_line(capsys, code, "different sources", error=datasets.DatasetError)
     assert not (env["root"] / "d.jsonl").exists()
+    bad = env["root"] / "openai.jsonl"
+    bad.write_text('{"messages": []}\n')
+    code = openai_format.main([str(bad)])
+    expect_one_line(capsys, code, f"{bad}:1: no non-empty", error=openai_format.OpenAIFormatError)
     code = walltime.main([str(env["root"] / "none.json")])
     expect_one_line(capsys, code, "no such file", error=walltime.WallTimeError)
     code = workloads.main(["--tokenizer", str(SEED_TOKENIZER), "--out", str(env["root"] / "w.json")])
@@ -359,6 +363,7 @@ def test_every_error_class_is_exercised():
     """Every error class is the expected outcome of at least one entry-point case in this file."""
     from evals import EvalInputError
     from recipes.datasets import DatasetError
+    from recipes.openai_format import OpenAIFormatError
     from recipes.stages import RecipeError
     from recipes.walltime import WallTimeError
 
@@ -366,6 +371,7 @@ def test_every_error_class_is_exercised():
 
     tables = [TRAIN_CASES.values(), AUDIT_CASES.values(), MERGE_CASES.values(), EVAL_CASES.values(), ENDPOINT_CASES.values()]
     expected = {case[-1] for table in tables for case in table} | set(STANDALONE)
-    expected |= {EvalInputError, DatasetError, RecipeError, WallTimeError, EndpointError}  # EndpointError: the base of three
+    expected |= {EvalInputError, DatasetError, OpenAIFormatError, RecipeError, WallTimeError,
+                 EndpointError}  # EndpointError: the base of three
     missing = sorted(name for name, cls in _error_classes().items() if cls is not errors.EngineError and cls not in expected)
     assert missing == [], f"no entry-point case expects {missing}"
