@@ -10,6 +10,7 @@ file or on the command line, are errors that list the known ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -126,7 +127,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "loss_normalization": "ste
 # Settings that change neither the data order nor the arithmetic of a step (recomputation replays
 # the forward with the same RNG state).
 RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib",
-                     "activation_checkpointing", "checkpoint_layers", "data_parallel"}
+                     "activation_checkpointing", "checkpoint_layers", "data_parallel", "collective_timeout_min"}
 
 
 def opt(default, help: str, *, factory=None):
@@ -195,13 +196,28 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in out_dir from its last complete checkpoint")
     memory_gib: float | None = opt(None, "device memory to check the memory estimate against "
                                          "(default: the CUDA device's; no check on CPU)")
+    collective_timeout_min: float = opt(20.0, "under torchrun: minutes a rank waits for the others in a collective "
+                                              "before the job fails, naming the rank(s) that did not answer")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # every float setting, present and future: inf and nan are refused
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.micro_batch_tokens >= 1, "micro_batch_tokens must be >= 1"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+            (self.adam_eps > 0, "adam_eps must be positive"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
+            (self.lora_alpha > 0, "lora_alpha must be positive"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.memory_gib is None or self.memory_gib > 0, "memory_gib must be positive"),
+            (self.collective_timeout_min > 0, "collective_timeout_min must be positive"),
+            (self.seed >= 0, "seed must be >= 0"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.dtype in DTYPE_NAMES, f"dtype must be one of {', '.join(DTYPE_NAMES)}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
