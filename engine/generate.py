@@ -20,6 +20,13 @@ seeded from ``(seed, conversation index)`` (or ``(seed, sample_keys[i])`` when t
 each conversation's stream), so a seeded run is reproducible and a conversation's sample does not
 depend on which others share its batch. The distribution is transformed as transformers' sampling
 warpers do, in their order: temperature, then top-k, then top-p (:func:`sampling_probs`).
+
+Under torchrun the conversations are split over the ranks in whole batches (``shard``). The model
+is either whole on every rank (``load_model(..., shard_weights=False)``) or, for a model larger
+than one device, FSDP2-sharded over the ranks as in training (``shard_weights=True``): every
+forward pass then goes through :class:`engine.lockstep.Lockstep`, which keeps the ranks' passes
+(collectives) in step although their shares and generation lengths differ. Either way the
+results equal a single process's.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from engine.assemble import Layout, build_model, read_model_args
 from engine.chat import ChatFormatError, SystemPolicy, get_template, render, special_ids
 from engine.models import CausalLM
 from engine.models.kv_cache import KVCache
+from engine.lockstep import Lockstep
 from engine.hub import resolve_checkpoint_dir
 from engine.errors import TokenizerError
 from engine.tokenizer import Tokenizer
@@ -69,9 +77,12 @@ def load_model(
     adapters: Sequence[str | Path] = (),
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    shard_weights: bool = False,
 ) -> CausalLM:
     """Load a checkpoint and stack PEFT LoRA adapters on it, in order (not merged), eval mode,
-    through the trainer's assembly path (`engine.assemble.build_model`), replicated.
+    through the trainer's assembly path (`engine.assemble.build_model`): whole on every rank, or
+    with ``shard_weights`` FSDP2-sharded over the torchrun ranks exactly as training shards it
+    (each rank reads only its rows; without a process group there is nothing to shard over).
 
     Each adapter is a local PEFT directory (adapter_config.json + adapter_model.safetensors) or a
     hub repo id; an adapter that does not fit the model raises ``engine.errors.LoraError``.
@@ -84,7 +95,7 @@ def load_model(
         path = Path(adapter).expanduser()
         local.append(path if path.exists() else resolve_checkpoint_dir(adapter))
     return build_model(args, dtype=dtype, device=device, weights=ckpt_dir, stack_adapters=local,
-                       layout=Layout(data_parallel="replicate"))
+                       layout=Layout(data_parallel="fsdp" if shard_weights else "replicate"))
 
 
 class Generator:
@@ -106,15 +117,18 @@ class Generator:
         batch, False is silent, a callable is called with (done, total) after every batch.
 
         ``shard``: under torchrun, split every call's conversations into contiguous slices, one
-        per rank (each rank holds the whole model), and gather the results on every rank in the
-        original order; every rank must make the same calls. Results equal a single process's,
-        sampling included (each conversation's random stream is seeded by its global index).
+        per rank, and gather the results on every rank in the original order; every rank must
+        make the same calls. Results equal a single process's, sampling included (each
+        conversation's random stream is seeded by its global index). The model may be whole on
+        each rank or FSDP-sharded over them (its passes are then kept in step, see
+        `engine.lockstep`; with ``shard`` False every rank then runs every conversation).
 
         ``answer_prefix``: text that starts every assistant turn, appended after the generation
         prompt: choices are scored, and generation continues, after it (e.g. what the template's
         ``answer_prefix(thinking_budget)`` gives: Seed-OSS's own no-thinking note at budget 0)."""
         stop_tokens = get_template(template).STOP_TOKENS  # unknown names fail here
         self.model = model
+        self.forward = Lockstep(model)  # every forward pass goes through it
         self.tokenizer = tokenizer
         self.template = template
         self.policy = policy
@@ -166,6 +180,7 @@ class Generator:
                         free_choice=next((c for c, i in choice_ids.items() if i == top), None),
                     )
                 )
+        self.forward.drain()
         return self._gather(out)
 
     def _choice_ids(self, choices: list[str]) -> dict[str, int]:
@@ -231,6 +246,7 @@ class Generator:
             for ids, stopped in self._generate_batch(batch, max_new_tokens, temperature, top_p, rngs, top_k or None):
                 text_ids = ids[:-1] if stopped else ids
                 out.append(Completion(self.tokenizer.decode(text_ids), ids, stopped))
+        self.forward.drain()
         return self._gather(out)
 
     def _generate_batch(
@@ -263,8 +279,8 @@ class Generator:
                 cache.keep(keep)
                 rows = [rows[j] for j in keep]
                 tokens = tokens[torch.tensor(keep, device=tokens.device)]
-            hidden = self.model(tokens[:, None], cache=cache, return_hidden=True)  # (n, 1, h)
-            logits = self.model.lm_head(hidden[:, -1])
+            rows_at = torch.arange(len(rows), device=tokens.device)
+            logits = self.forward(tokens[:, None], cache=cache, logits_at=rows_at)  # (n, v)
         return list(zip(new, stopped))
 
     @staticmethod
@@ -312,8 +328,7 @@ class Generator:
         device = self._device
         packed = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
         cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-        hidden = self.model(packed, cu_seqlens=cu_seqlens, return_hidden=True, cache=cache)  # (1, total, h)
-        return self.model.lm_head(hidden[0, cu_seqlens[1:].long() - 1])  # (b, v)
+        return self.forward(packed, cu_seqlens=cu_seqlens, cache=cache, logits_at=cu_seqlens[1:].long() - 1)  # (b, v)
 
     def _batches(self, prompts: list[list[int]], batch_size: int, what: str):
         total, t0 = len(prompts), time.monotonic()

@@ -1,4 +1,5 @@
-"""Per-GPU memory estimate of a LoRA training step under FSDP2, printed before training starts.
+"""Per-GPU memory estimate of a LoRA training step under FSDP2, printed before training starts
+(and of evaluation, `eval_estimate`, printed before an eval loads its model).
 
     python -m engine.memory --preset qwen2.5-32b --gpus 8 --gpu-gib 80 [--data-parallel replicate]
 
@@ -94,6 +95,55 @@ def estimate(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32, lora
     return est
 
 
+def eval_estimate(args: ModelArgs, *, dtype: str = "bfloat16", world_size: int = 1, sharded: bool = False,
+                  adapter_params: int = 0, batch_size: int = 8, context_tokens: int = 2048) -> dict[str, float]:
+    """GiB per device of evaluating (scoring or generating) with ``batch_size`` conversations of
+    up to ``context_tokens`` tokens each (prompt + new tokens), by component, plus "total". With
+    ``sharded`` the weights and stacked adapters (fp32, ``adapter_params`` elements) are split
+    over the ``world_size`` ranks, and a forward pass holds whole the root group (final norm and
+    LM head, gathered for the whole pass) and two decoder layers (the current one and the one
+    prefetched; an untied embedding is gathered and freed before them). No gradients, no saved
+    activations: one layer's activations at a time, the KV cache and the last positions' logits."""
+    b = _bytes(dtype)
+    h, L, V = args.hidden_size, args.num_hidden_layers, args.vocab_size
+    shapes = _shapes(args)
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h + q + 2 * kv
+    n_params = L * per_layer + V * h * (1 if args.tie_word_embeddings else 2) + h
+    ranks = world_size if sharded else 1
+    tokens = batch_size * context_tokens
+    layer_token, _ = layer_activation_bytes(args, dtype=dtype, lora_r=0, lora_targets=())
+    gathered = V * h + h + max(2 * per_layer, 0 if args.tie_word_embeddings else V * h)
+    est = {
+        "weights (÷ ranks when sharded)": n_params * b / ranks / GIB,
+        "stacked adapters fp32 (÷ ranks when sharded)": adapter_params * 4 / ranks / GIB,
+        "gathered during a pass (FSDP: LM head + 2 layers in flight)": gathered * b / GIB if ranks > 1 else 0.0,
+        f"KV cache ({batch_size} conversations × {context_tokens} tokens)": tokens * L * 2 * kv * b / GIB,
+        "one layer's activations over those tokens": tokens * layer_token / GIB,
+        "logits at the last positions (fp32, with log-softmax)": batch_size * V * 4 * 2 / GIB,
+    }
+    est["total"] = sum(est.values())
+    return est
+
+
+def adapter_parameters(adapter_dirs) -> int:
+    """Elements in the PEFT adapters' ``adapter_model.safetensors`` files (read from their
+    headers, nothing loaded). An unreadable file counts 0: loading it reports what is wrong."""
+    import math
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    total = 0
+    for directory in adapter_dirs:
+        try:
+            with safe_open(str(Path(directory) / "adapter_model.safetensors"), framework="pt") as f:
+                total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        except (OSError, SafetensorError):
+            pass
+    return total
+
+
 def format_estimate(est: dict[str, float], where: str) -> list[str]:
     return [f"memory estimate per {where}:"] + [f"  {k:70s} {v:8.2f} GiB" for k, v in est.items()]
 
@@ -104,9 +154,15 @@ def device_gib(device: torch.device) -> float | None:
     return torch.cuda.get_device_properties(device).total_memory / GIB
 
 
-def check_fits(est: dict[str, float], device: torch.device, available_gib: float | None = None) -> None:
-    """Refuse when the estimate exceeds 92% of the device's memory (or of `available_gib`).
-    Without a CUDA device and without `available_gib` there is nothing to check."""
+TRAINING_ADVICE = ("Use more GPUs (torchrun --nproc_per_node N, or several nodes), activation_checkpointing = true, "
+                   "or a smaller micro_batch_tokens")
+
+
+def check_fits(est: dict[str, float], device: torch.device, available_gib: float | None = None,
+               advice: str = TRAINING_ADVICE) -> None:
+    """Refuse when the estimate exceeds 92% of the device's memory (or of `available_gib`),
+    saying what to do (`advice`). Without a CUDA device and without `available_gib` there is
+    nothing to check."""
     if available_gib is not None:
         where = f"{available_gib:.1f} GiB given"
     elif device.type == "cuda":
@@ -117,8 +173,7 @@ def check_fits(est: dict[str, float], device: torch.device, available_gib: float
     if est["total"] > USABLE * available_gib:
         raise WontFit(
             f"will not fit: about {est['total']:.1f} GiB per GPU estimated, {where} available "
-            f"({USABLE:.0%} usable). Use more GPUs (torchrun --nproc_per_node N, or several nodes), "
-            "activation_checkpointing = true, or a smaller micro_batch_tokens"
+            f"({USABLE:.0%} usable). {advice}"
         )
 
 

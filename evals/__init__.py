@@ -42,6 +42,9 @@ class EvalInputError(EngineError, ValueError):
     """Bad input to an eval (missing file, wrong columns, empty set...). The message is one line."""
 
 
+SHARD_WEIGHTS = ("auto", "on", "off")  # --shard-weights
+
+
 # ------------------------------------------------------------------------------------- writing
 def is_main_process() -> bool:
     """False on the ranks > 0 of a torchrun-launched eval (they compute, rank 0 writes)."""
@@ -132,6 +135,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="text prefilled at the start of every answer; default: Seed-OSS's own no-thinking note "
                         "when thinking_budget is 0, else none ('' for none)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    g.add_argument("--shard-weights", default="auto", choices=SHARD_WEIGHTS,
+                   help="under torchrun, split the model's weights over the ranks (FSDP2, one layer gathered at a "
+                        "time, as training does) instead of loading the whole model on every GPU: for a model "
+                        "larger than one GPU (Seed-OSS-36B on 40 GB cards); costs an all-gather of the weights "
+                        "per forward pass, so use a large --batch-size. auto (default): when the memory "
+                        "estimate of the whole model does not fit one GPU. Results are the same either way")
     g.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="model weights dtype")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE",
@@ -162,8 +171,8 @@ class EvalModel:
     tokenizer: Any  # engine.tokenizer.Tokenizer
     template: str
     policy: Any  # engine.chat.SystemPolicy
-    shard: bool  # split the prompts over the torchrun ranks (each holds the whole model)
-    meta: dict  # model, adapters, tokenizer, template, policy, dtype, device: recorded in every summary
+    shard: bool  # split the prompts over the torchrun ranks
+    meta: dict  # model, adapters, tokenizer, template, policy, dtype, device, weights: recorded in every summary
 
     def generator(self, thinking_budget: int | None, answer_prefix: str | None = None):
         """(Generator, its metadata) rendering prompts with `thinking_budget` (Seed-OSS) and
@@ -181,10 +190,13 @@ class EvalModel:
 
 
 def load_eval_model(model: str, adapters: list[str] = (), *, template: str, tokenizer: str | None = None,
-                    policy=None, dtype: str = "bfloat16", device: str | None = None) -> EvalModel:
+                    policy=None, dtype: str = "bfloat16", device: str | None = None,
+                    shard_weights: str = "auto", batch_size: int = 8, log=None) -> EvalModel:
     """Load `model` with `adapters` stacked (in order, unmerged) for evaluation. Under torchrun
-    (a process group exists) each rank holds the whole model on its own device and the evals
-    split the prompts over the ranks."""
+    (a process group exists) the evals split the prompts over the ranks, and each rank holds
+    either the whole model on its own device or, sharded (`shard_weights`: see
+    `weights_sharded`), 1/N of it as in training. The per-rank memory estimate is logged before
+    loading and a model that would not fit is refused (`engine.errors.WontFit`)."""
     import torch
 
     from engine import parallel
@@ -202,11 +214,14 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
             raise EvalInputError(f"adapter directory not found: {adapter}")
     tok = Tokenizer.from_file(tokenizer or resolve_checkpoint_dir(model))
     special_ids(tok, template)  # the wrong tokenizer family for the template fails here, clearly
-    shard = parallel.is_distributed() and parallel.init_distributed().world_size > 1
+    world = parallel.init_distributed().world_size if parallel.is_distributed() else 1
+    shard = world > 1
     if device is None:
         device = str(parallel.init_distributed().device) if parallel.is_distributed() else (
             "cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(model, list(adapters), dtype=torch_dtype(dtype), device=device)
+    sharded = weights_sharded(model, adapters, shard_weights, world=world, device=torch.device(device), dtype=dtype,
+                              batch_size=batch_size, log=log or stderr_log)
+    loaded = load_model(model, list(adapters), dtype=torch_dtype(dtype), device=device, shard_weights=sharded)
     meta = {
         "model": str(model),
         "adapters": [str(a) for a in adapters],
@@ -215,8 +230,42 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
         "policy": policy.describe(),
         "dtype": dtype,
         "device": str(device),
+        "weights": f"sharded over {world} ranks" if sharded else "whole",
     }
     return EvalModel(loaded, tok, template, policy, shard, meta)
+
+
+def weights_sharded(model: str, adapters, setting: str, *, world: int, device, dtype: str, batch_size: int,
+                    log) -> bool:
+    """Whether to shard the weights over the `world` ranks (`--shard-weights`): "on", "off", or
+    "auto": only when the memory estimate of the whole model on one device does not fit it (a
+    CUDA device; on CPU nothing is measured, and auto does not shard). Logs the per-rank estimate
+    of the chosen layout and refuses one that would not fit, before anything is loaded."""
+    from engine import memory
+    from engine.assemble import read_model_args
+    from engine.hub import resolve_checkpoint_dir
+
+    if setting not in SHARD_WEIGHTS:
+        raise EvalInputError(f"--shard-weights must be one of {', '.join(SHARD_WEIGHTS)}, got {setting!r}")
+    _, args = read_model_args(model)
+    local = [a if Path(a).expanduser().is_dir() else resolve_checkpoint_dir(a) for a in map(str, adapters)]
+    common = dict(dtype=dtype, world_size=world, adapter_params=memory.adapter_parameters(local), batch_size=batch_size)
+    whole = memory.eval_estimate(args, sharded=False, **common)
+    gib = memory.device_gib(device)
+    if setting == "auto":
+        sharded = world > 1 and gib is not None and whole["total"] > memory.USABLE * gib
+    else:
+        sharded = setting == "on" and world > 1
+    est = memory.eval_estimate(args, sharded=True, **common) if sharded else whole
+    where = f"rank, weights sharded over {world} ranks" if sharded else (
+        f"rank, whole model on each of {world} ranks" if world > 1 else "process")
+    for line in memory.format_estimate(est, where):
+        log(line)
+    advice = ("Shard the weights over more GPUs (torchrun --nproc_per_node N with --shard-weights on or auto), "
+              "or a smaller --batch-size" if world == 1 or sharded else
+              "Shard the weights over the ranks (--shard-weights on), or a smaller --batch-size")
+    memory.check_fits(est, device, advice=advice)
+    return sharded
 
 
 def load_from_args(args: argparse.Namespace) -> EvalModel:
@@ -228,7 +277,7 @@ def load_from_args(args: argparse.Namespace) -> EvalModel:
         raise EvalInputError(f"--thinking-budget: the {args.template} template has no thinking budget")
     return load_eval_model(args.model, list(args.adapter), template=args.template, tokenizer=args.tokenizer,
                            policy=SystemPolicy(args.system_prompt, args.system_text), dtype=args.dtype,
-                           device=args.device)
+                           device=args.device, shard_weights=args.shard_weights, batch_size=args.batch_size)
 
 
 def stderr_log(message: str) -> None:

@@ -396,7 +396,7 @@ def judge_answers(judge, out_dir: str | Path, *, data: str | Path = DEFAULT_QUES
             size = getattr(judge, "batch_size", 1)
             n = -(-len(texts) // size)
             mine = texts[n * rank // world * size: n * (rank + 1) // world * size]
-            verdicts = _gather(judge.judge(mine) if mine else [], world)
+            verdicts = _gather(judge.judge(mine), world)  # every rank calls: a sharded judge's passes are collectives
             records = []
             for j, a in enumerate(batch):
                 rec = dict(a)

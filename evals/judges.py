@@ -113,7 +113,7 @@ class EndpointJudge:
 
     def judge(self, prompts: list[str]) -> list[tuple[Judgement, list]]:
         """(judgement, the first token's top [text, logprob] pairs) per prompt, in order."""
-        if self.concurrency == 1 or len(prompts) == 1:
+        if self.concurrency == 1 or len(prompts) <= 1:
             return [self._one(p) for p in prompts]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
             return list(pool.map(self._one, prompts))
@@ -194,11 +194,14 @@ class LocalJudge:
                                                                "thinking_budget", "answer_prefix")}}
 
     def judge(self, prompts: list[str]) -> list[tuple[Judgement, None]]:
+        """A judgement per prompt. Under torchrun with the weights sharded, every rank must call
+        it (with its share, possibly none): the ranks' forward passes are kept in step."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
             batch = [self.gen.prompt_ids([{"role": "user", "content": p}]) for p in prompts[start:start + self.batch_size]]
             for stats in self.tree_stats(batch):
                 out.append((judgement(*self.tree.probabilities(stats)), None))
+        self.gen.forward.drain()
         return out
 
     def tree_stats(self, prompts: list[list[int]]) -> list[dict[tuple, NodeStats]]:
@@ -214,9 +217,9 @@ class LocalJudge:
             lengths = [len(p) for p in prompts]
             packed = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
             cu = torch.tensor([0, *lengths], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-            hidden = model(packed, cu_seqlens=cu, return_hidden=True, cache=cache)
+            logits = self.gen.forward(packed, cu_seqlens=cu, cache=cache, logits_at=cu[1:].long() - 1)
             out: list[dict[tuple, NodeStats]] = [{} for _ in range(b)]
-            self._record(out, [(i, ()) for i in range(b)], model.lm_head(hidden[0, cu[1:].long() - 1]))
+            self._record(out, [(i, ()) for i in range(b)], logits)
             level, row_of = cache, {(i, ()): i for i in range(b)}  # the cache of the parents of the next depth
             for d in range(1, self.tree.depth + 1):
                 nodes = self.tree.at_depth(d)
@@ -243,8 +246,8 @@ class LocalJudge:
         sub = copy.copy(cache)  # keep() rebinds the copy's tensors, so the parent cache stays whole
         sub.keep([row_of[(i, n[:-1])] for i, n in rows])
         tokens = torch.tensor([[n[-1]] for _, n in rows], dtype=torch.long, device=cache.lengths.device)
-        hidden = self.model(tokens, cache=sub, return_hidden=True)
-        self._record(out, rows, self.model.lm_head(hidden[:, -1]))
+        logits = self.gen.forward(tokens, cache=sub, logits_at=torch.arange(len(rows), device=tokens.device))
+        self._record(out, rows, logits)
         return sub
 
     def _record(self, out: list[dict], rows: list[tuple[int, tuple]], logits) -> None:

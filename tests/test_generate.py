@@ -319,9 +319,10 @@ def test_score_choices_equal_full_forward(models, toks):
     finally:
         for h in handles:
             h.remove()
-    # One packed forward per batch; the LM head sees only the last position of each prompt.
-    assert [c[0] for c in calls] == ["model", "lm_head", "model", "lm_head"]
-    assert calls[1][1] == (3, 32) and calls[3][1] == (1, 32)
+    # One packed forward per batch; the LM head (run inside it, so a forward hook on the model
+    # fires after the head's) sees only the last position of each prompt.
+    assert [c[0] for c in calls] == ["lm_head", "model", "lm_head", "model"]
+    assert calls[0][1] == (3, 32) and calls[2][1] == (1, 32)
 
     for score, ref in zip(scores, refs):
         assert isinstance(score, ChoiceScore)

@@ -261,9 +261,15 @@ class CausalLM(nn.Module):
         return_hidden: bool = False,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (b, s) -> logits (b, s, v), or the final normed hidden states (b, s, h) when
         ``return_hidden``.
+
+        ``logits_at`` (k,): indices into the b·s positions taken in row-major order; only their
+        hidden states go through the LM head and the logits (k, v) are returned (inference: a
+        prompt's last position). Inside ``forward`` for the same reason as the loss: under FSDP
+        the LM head's weight is whole only during the model's forward.
 
         With ``targets`` (b, s) — the next token each position must predict, -100 where not
         trained — returns instead the fp32 *sum* of the token losses over trained positions
@@ -283,6 +289,8 @@ class CausalLM(nn.Module):
         hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, cache=cache)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        if logits_at is not None:
+            return self.lm_head(hidden.reshape(-1, hidden.shape[-1])[logits_at])
         if return_hidden:
             return hidden
         return self.lm_head(hidden)
