@@ -236,11 +236,12 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
 
 
 def weights_sharded(model: str, adapters, setting: str, *, world: int, device, dtype: str, batch_size: int,
-                    log) -> bool:
+                    log, available_gib: float | None = None) -> bool:
     """Whether to shard the weights over the `world` ranks (`--shard-weights`): "on", "off", or
     "auto": only when the memory estimate of the whole model on one device does not fit it (a
     CUDA device; on CPU nothing is measured, and auto does not shard). Logs the per-rank estimate
-    of the chosen layout and refuses one that would not fit, before anything is loaded."""
+    of the chosen layout (under torchrun or on a GPU) and refuses one that would not fit, before
+    anything is loaded. `available_gib`: the device's memory (default: measured)."""
     from engine import memory
     from engine.assemble import read_model_args
     from engine.hub import resolve_checkpoint_dir
@@ -251,7 +252,7 @@ def weights_sharded(model: str, adapters, setting: str, *, world: int, device, d
     local = [a if Path(a).expanduser().is_dir() else resolve_checkpoint_dir(a) for a in map(str, adapters)]
     common = dict(dtype=dtype, world_size=world, adapter_params=memory.adapter_parameters(local), batch_size=batch_size)
     whole = memory.eval_estimate(args, sharded=False, **common)
-    gib = memory.device_gib(device)
+    gib = available_gib if available_gib is not None else memory.device_gib(device)
     if setting == "auto":
         sharded = world > 1 and gib is not None and whole["total"] > memory.USABLE * gib
     else:
@@ -259,12 +260,13 @@ def weights_sharded(model: str, adapters, setting: str, *, world: int, device, d
     est = memory.eval_estimate(args, sharded=True, **common) if sharded else whole
     where = f"rank, weights sharded over {world} ranks" if sharded else (
         f"rank, whole model on each of {world} ranks" if world > 1 else "process")
-    for line in memory.format_estimate(est, where):
-        log(line)
+    if world > 1 or device.type == "cuda":  # where memory is planned (not a one-process CPU run)
+        for line in memory.format_estimate(est, where):
+            log(line)
     advice = ("Shard the weights over more GPUs (torchrun --nproc_per_node N with --shard-weights on or auto), "
               "or a smaller --batch-size" if world == 1 or sharded else
               "Shard the weights over the ranks (--shard-weights on), or a smaller --batch-size")
-    memory.check_fits(est, device, advice=advice)
+    memory.check_fits(est, device, available_gib, advice=advice)
     return sharded
 
 
@@ -312,6 +314,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
 
 __all__ = [
     "EvalInputError", "EvalModel", "add_model_arguments", "answer_text", "atomic_write_csv", "atomic_write_json",
-    "atomic_write_text", "check_positive", "is_main_process", "load_eval_model", "load_from_args",
+    "SHARD_WEIGHTS", "atomic_write_text", "check_positive", "is_main_process", "load_eval_model", "load_from_args",
     "parse_conditions", "run_cli", "scored_answer", "sha256_file", "stderr_log", "token_piece", "utc_now",
+    "weights_sharded",
 ]

@@ -79,3 +79,35 @@ def test_sharded_weights_equal_single_process(tmp_path):
     lengths = {len(ids) for ids, _ in one["stopped"]}
     assert len(lengths) > 1 and {s for _, s in one["stopped"]} == {True, False}
     assert ranks[0]["idle_passes"] > 1
+
+
+def test_shard_weights_auto_follows_the_estimate(tmp_path):
+    """auto shards exactly when the whole model's estimate does not fit the device; a layout that
+    does not fit is refused (one line, what to do) before anything is loaded."""
+    import json
+
+    import torch
+
+    from engine.errors import WontFit
+    from engine.models.presets import SEED_OSS_36B_CONFIG
+    from evals import EvalInputError, weights_sharded
+
+    (tmp_path / "config.json").write_text(json.dumps(SEED_OSS_36B_CONFIG))  # the real shape, no weights
+    lines: list[str] = []
+
+    def decide(setting, world, gib):
+        lines.clear()
+        return weights_sharded(str(tmp_path), [], setting, world=world, device=torch.device("cpu"), dtype="bfloat16",
+                               batch_size=8, log=lines.append, available_gib=gib)
+
+    assert decide("auto", 8, 40.0) is True  # 36B in bf16 (67 GiB) on 40 GB cards: sharded, about 19 GiB a rank
+    assert lines[0] == "memory estimate per rank, weights sharded over 8 ranks:"
+    assert decide("auto", 8, 141.0) is False and lines[0] == "memory estimate per rank, whole model on each of 8 ranks:"
+    assert decide("on", 8, 141.0) is True
+    assert decide("on", 1, 141.0) is False  # one process: nothing to shard over
+    with pytest.raises(WontFit, match=r"will not fit: .*--shard-weights on"):
+        decide("off", 8, 40.0)
+    with pytest.raises(WontFit, match=r"will not fit: .*torchrun --nproc_per_node N"):
+        decide("auto", 1, 40.0)
+    with pytest.raises(EvalInputError, match="--shard-weights must be one of auto, on, off"):
+        decide("yes", 8, 40.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.memory import WontFit, check_fits, estimate
+from engine.memory import WontFit, check_fits, estimate, eval_estimate
 from engine.models import ModelArgs
 from engine.models.presets import QWEN25_32B_CONFIG, SEED_OSS_36B_CONFIG
 
@@ -76,3 +76,20 @@ def test_memory_cli_replicated(capsys):
     assert "8 GPU(s), replicated" in replicated
     totals = [[line for line in out.splitlines() if line.strip().startswith("total")] for out in (replicated, single)]
     assert totals[0] == totals[1] and "67.02 GiB" in totals[0][0]
+
+
+def test_eval_estimate_shards_the_weights():
+    args = ModelArgs.from_hf_config(SEED_OSS_36B_CONFIG)
+    whole = eval_estimate(args, world_size=8, sharded=False, adapter_params=1 << 28)
+    eight = eval_estimate(args, world_size=8, sharded=True, adapter_params=1 << 28)
+    weights = "weights (÷ ranks when sharded)"
+    assert 66 < whole[weights] < 68  # 36.15B bf16 parameters = 67.3 GiB: more than a 40 GB card holds
+    assert eight[weights] * 8 == pytest.approx(whole[weights])
+    assert whole["stacked adapters fp32 (÷ ranks when sharded)"] == pytest.approx(1.0)  # 2**28 fp32 elements
+    gathered = "gathered during a pass (FSDP: LM head + 2 layers in flight)"
+    assert whole[gathered] == 0 and 2 < eight[gathered] < 5  # the LM head (1.5 GiB) and two layers (2 x 1 GiB)
+    kv = [k for k in whole if k.startswith("KV cache")][0]
+    assert whole[kv] == pytest.approx(8 * 2048 * 64 * 2 * 8 * 128 * 2 / 2**30)  # 64 layers, 8 KV heads of 128, bf16
+    for est in (whole, eight):
+        assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+    assert eight["total"] < 0.92 * 40 < whole["total"]
