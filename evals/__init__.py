@@ -13,6 +13,10 @@ This module holds what the evals share: `EvalModel` and its loading, the model/t
 command-line options, how a chosen token is read the way the paper's script read it, atomic
 writes, and `run_cli` (one line and exit status 2 for bad input; the torchrun process group of a
 command-line eval). It imports no torch at import time, so `evals.report` runs without it.
+
+Under torchrun the evals split the prompts over the ranks, and the model is either whole on every
+rank or, for a model larger than one GPU (`--shard-weights`, `weights_sharded`), FSDP2-sharded over
+them as in training; `engine.generate` and `engine.lockstep` keep the results those of one process.
 """
 
 from __future__ import annotations
