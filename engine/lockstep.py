@@ -25,6 +25,9 @@ batch is the batch a single process would run, so the results are exactly a sing
 all-reduce per forward pass (a CPU tensor: gloo, beside NCCL under CUDA), nothing next to the
 weights a pass gathers. Replicated or single-process models run their passes directly.
 
+Every pass of a sharded model runs in inference mode: FSDP2 allocates its gathered-weight buffers
+in the mode of the first pass, and a pass in another mode could not write into them.
+
 The rule for callers: route every forward pass of the model through one ``Lockstep`` and call
 ``drain()`` on every rank at the end of each call that runs passes, before any other collective
 (such as gathering the results), and with the same sequence of calls on every rank.
@@ -49,9 +52,11 @@ class Lockstep:
         self.idle_passes = 0  # passes run only to keep step with busier ranks
 
     def __call__(self, *args, **kwargs):
-        if self.active:
-            self._anyone_busy(True)
-        return self.model(*args, **kwargs)
+        if not self.active:
+            return self.model(*args, **kwargs)
+        self._anyone_busy(True)
+        with torch.inference_mode():
+            return self.model(*args, **kwargs)
 
     def drain(self) -> None:
         """This rank's share is done: run idle passes opposite the other ranks' remaining passes,
@@ -60,7 +65,8 @@ class Lockstep:
             return
         while self._anyone_busy(False):
             device = self.model.model.embed_tokens.weight.device
-            self.model(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
+            with torch.inference_mode():
+                self.model(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
             self.idle_passes += 1
 
     @staticmethod

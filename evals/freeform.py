@@ -460,14 +460,17 @@ def write_summary(out_dir: str | Path, *, conditions: dict | None = None, bootst
 
 # ---------------------------------------------------------------------------------- judges
 def local_judge(path: str, *, template: str, tokenizer: str | None = None, dtype: str = "bfloat16",
-                device: str | None = None, batch_size: int = 4, reuse: EvalModel | None = None):
+                device: str | None = None, batch_size: int = 4, reuse: EvalModel | None = None,
+                shard_weights: str = "auto"):
     """A LocalJudge on checkpoint `path` (no adapters); `reuse` is an already loaded model to use
-    when it is that same checkpoint with no adapters, the same template and dtype."""
+    when it is that same checkpoint with no adapters, the same template and dtype.
+    `shard_weights`: as `--shard-weights` (`evals.weights_sharded`)."""
     from evals.judges import LocalJudge
 
     m = reuse if reuse is not None and same_checkpoint(reuse, path, template, dtype) else None
     if m is None:
-        m = load_eval_model(path, [], template=template, tokenizer=tokenizer, dtype=dtype, device=device)
+        m = load_eval_model(path, [], template=template, tokenizer=tokenizer, dtype=dtype, device=device,
+                            shard_weights=shard_weights, batch_size=batch_size)
     return LocalJudge(m, batch_size=batch_size)
 
 
@@ -534,7 +537,7 @@ def make_judge(args, reuse: EvalModel | None = None):
     if args.judge_local:
         return local_judge(args.judge_local, template=args.judge_template or args.template, tokenizer=args.judge_tokenizer,
                            dtype=args.judge_dtype or args.dtype, device=args.device, batch_size=args.judge_batch_size,
-                           reuse=reuse)
+                           reuse=reuse, shard_weights=args.shard_weights)
     return endpoint_judge(args.judge_url, args.judge_model, key_env=args.judge_key_env,
                           concurrency=args.judge_concurrency, requests_per_minute=args.judge_rpm,
                           timeout_s=args.judge_timeout, max_retries=args.judge_retries)

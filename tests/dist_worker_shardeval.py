@@ -41,6 +41,7 @@ def results(ckpt: str, adapter: str) -> dict:
     gen.stop_ids = gen.stop_ids | {greedy[0].token_ids[1]}
     stopped = gen.generate(CONVERSATIONS, max_new_tokens=6, batch_size=2)
     sampled = gen.generate(CONVERSATIONS, max_new_tokens=4, temperature=1.0, top_p=0.9, seed=3, batch_size=2)
+    judged = judge_shares(em, [f"Rate from 0 to 100: {c.text}" for c in greedy])
     weight = em.model.model.layers[0].mlp.up_proj.weight
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     return {
@@ -48,12 +49,31 @@ def results(ckpt: str, adapter: str) -> dict:
         "greedy": [[c.token_ids, c.stopped] for c in greedy],
         "stopped": [[c.token_ids, c.stopped] for c in stopped],
         "sampled": [[c.token_ids, c.stopped] for c in sampled],
+        "judged": judged,
         "weights": em.meta["weights"],
         "sharded": parallel.is_sharded(em.model),
         "local_rows": [local.shape[0], weight.shape[0]],
         "scoring_idle_passes": scoring_idle,
         "idle_passes": gen.forward.idle_passes,
     }
+
+
+def judge_shares(em, prompts: list[str]) -> list[dict]:
+    """The local judge (`evals.judges.LocalJudge`, a token tree of passes per batch) on `prompts`
+    in batches of 2, each rank judging whole batches of a contiguous share as `evals.freeform`
+    does (3 batches: 1 on rank 0, 2 on rank 1, the last one smaller), gathered in order."""
+    from dataclasses import asdict
+
+    from evals.judges import LocalJudge
+
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if parallel.is_distributed() else (0, 1)
+    n = -(-len(prompts) // 2)
+    mine = [asdict(j) for j, _ in LocalJudge(em, batch_size=2).judge(prompts[n * rank // world * 2: n * (rank + 1) // world * 2])]
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return [j for part in parts for j in part]
 
 
 def main(ckpt: str, adapter: str, out: str) -> None:
