@@ -279,6 +279,7 @@ def test_conditions_without_a_paper_counterpart_are_named_apart(tmp_path):
         assert st.condition_name(s, 2) == name and name not in paper
 
 
+@pytest.mark.distributed
 def test_default_command_under_torchrun_two_ranks(tmp_path, tiny_model):
     """The README's main job under torchrun: training shards over 2 CPU ranks and the evals split
     their prompts over the same ranks (every rank must take part, or the run would hang)."""
