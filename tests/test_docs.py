@@ -160,3 +160,19 @@ def test_marked_excerpts_run_and_show_this_output(cmd: Command, qwen25_tokenizer
         except ValueError:
             raise AssertionError(f"{cmd}\nthe documented line\n  {want!r}\nis not in the output (after line "
                                  f"{position}):\n" + "\n".join(got[:200])) from None
+
+
+def test_the_tests_named_as_guarantees_exist():
+    """README.md's guarantees table and tests/README.md name tests that exist (`test_x.py` or
+    `test_x.py::test_name`, `::name` continuing the last file named)."""
+    for doc in (ROOT / "README.md", ROOT / "tests" / "README.md"):
+        current = None
+        for match in re.finditer(r"`(?:tests/)?(test_[\w*]+\.py)?(?:::(\w+))?`", doc.read_text()):
+            file, name = match.groups()
+            if file:
+                current = file
+                assert "*" in file or (ROOT / "tests" / file).is_file(), f"{doc.name}: {file} does not exist"
+            if name:
+                assert current, f"{doc.name}: ::{name} without a file before it"
+                source = (ROOT / "tests" / current).read_text()
+                assert re.search(rf"^def {name}\(", source, re.M), f"{doc.name}: {current}::{name} does not exist"
