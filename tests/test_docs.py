@@ -176,3 +176,14 @@ def test_the_tests_named_as_guarantees_exist():
                 assert current, f"{doc.name}: ::{name} without a file before it"
                 source = (ROOT / "tests" / current).read_text()
                 assert re.search(rf"^def {name}\(", source, re.M), f"{doc.name}: {current}::{name} does not exist"
+
+
+def test_the_conditions_page_is_the_generated_table():
+    """docs/conditions.md holds exactly what `python -m recipes.paper --all` prints."""
+    page = (ROOT / "docs" / "conditions.md").read_text()
+    marker = "<!-- generated: python -m recipes.paper --all -->\n"
+    out = subprocess.run([sys.executable, "-m", "recipes.paper", "--all"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert page.split(marker, 1)[1] == out.stdout, ("docs/conditions.md is stale: regenerate its table with "
+                                                   "python -m recipes.paper --all")
