@@ -26,7 +26,7 @@ from engine.peft_format import write_peft_adapter
 from engine.tokenizer import Tokenizer
 from evals import atomic_write_json, run_cli, scored_answer
 from evals import prompts as P
-from evals import report, self_recognition as sr, truthfulqa as tqa
+from evals import paper_stats, report, self_recognition as sr, truthfulqa as tqa
 from tests.tiny import tiny_seed_oss_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,6 +355,14 @@ def test_truthfulqa_cli_robust_and_greedy(tmp_path, seed_ckpt, capsys):
     assert p["mode"] == "greedy" and p["n_prompts"] == 3 and p["seed"] == 4 and p["thinking_budget"] is None
     assert p["accuracy"] == p["greedy_accuracy"] and p["statistic"] == "greedy"
     assert p["prompt_tokenization"] == "tokenizer(prompt)" and p["prompt_added_tokens"] == []
+    # The seeded replicate records its seed; the expectation its thinking budget, as chosen.
+    assert run_cli(tqa.main, base + ["--mode", "sampled", "--seed", "7"]) == 0
+    assert run_cli(tqa.main, base + ["--mode", "expected", "--thinking-budget", "0"]) == 0
+    d = json.loads((out / "truthfulqa_sampled_summary.json").read_text())
+    assert d["statistic"] == "sampled" and d["seed"] == 7 and d["decoding"] == {**paper_stats.PAPER_SAMPLING,
+                                                                               "max_new_tokens": 1}
+    e = json.loads((out / "truthfulqa_expected_summary.json").read_text())
+    assert e["statistic"] == "expected" and e["thinking_budget"] == 0 and e["accuracy"] == e["expected_accuracy"]
     assert not [x for x in out.iterdir() if x.name.startswith(".")]  # no temporary files left
     assert "accuracy" in capsys.readouterr().out
 
