@@ -16,6 +16,7 @@ from tests.tiny import tiny_seed_oss_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.distributed
 def test_truthfulqa_two_ranks_equal_one(tmp_path):
     ckpt = tiny_seed_oss_checkpoint(tmp_path / "model")
     args = ["--model", str(ckpt), "--template", "seed-oss", "--limit", "7", "--batch-size", "2", "--dtype", "float32"]
