@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,6 +42,10 @@ def results(ckpt: str, adapter: str) -> dict:
     gen.stop_ids = gen.stop_ids | {greedy[0].token_ids[1]}
     stopped = gen.generate(CONVERSATIONS, max_new_tokens=6, batch_size=2)
     sampled = gen.generate(CONVERSATIONS, max_new_tokens=4, temperature=1.0, top_p=0.9, seed=3, batch_size=2)
+    # TruthfulQA's expected statistic: a tree of decoding prefixes per conversation, of a size
+    # that depends on the model's distributions (8 to 13 nodes here), 4 extended per pass.
+    expected = gen.answer_stats(CONVERSATIONS, ["A", "B"], temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=3,
+                                choices=["A", "B"], sample_seed=1, batch_size=2, min_mass=1e-4, max_rows=4)
     judged = judge_shares(em, [f"Rate from 0 to 100: {c.text}" for c in greedy])
     weight = em.model.model.layers[0].mlp.up_proj.weight
     local = weight.to_local() if hasattr(weight, "to_local") else weight
@@ -50,6 +55,7 @@ def results(ckpt: str, adapter: str) -> dict:
         "stopped": [[c.token_ids, c.stopped] for c in stopped],
         "sampled": [[c.token_ids, c.stopped] for c in sampled],
         "judged": judged,
+        "expected": [asdict(s) for s in expected],
         "weights": em.meta["weights"],
         "sharded": parallel.is_sharded(em.model),
         "local_rows": [local.shape[0], weight.shape[0]],
@@ -62,8 +68,6 @@ def judge_shares(em, prompts: list[str]) -> list[dict]:
     """The local judge (`evals.judges.LocalJudge`, a token tree of passes per batch) on `prompts`
     in batches of 2, each rank judging whole batches of a contiguous share as `evals.freeform`
     does (3 batches: 1 on rank 0, 2 on rank 1, the last one smaller), gathered in order."""
-    from dataclasses import asdict
-
     from evals.judges import LocalJudge
 
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if parallel.is_distributed() else (0, 1)

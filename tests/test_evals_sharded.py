@@ -38,7 +38,8 @@ def test_truthfulqa_two_ranks_equal_one(tmp_path):
 def test_sharded_weights_equal_single_process(tmp_path):
     """--shard-weights on 2 gloo ranks (FSDP2, each rank holding half of every weight): TruthfulQA
     log-prob scoring, greedy generation (ranks stopping after different numbers of steps), seeded
-    sampling and the local judge's token tree on unequal shares equal a single process's exactly
+    sampling, the expected statistic's answer trees (`answer_stats`) and the local judge's token
+    tree on unequal shares equal a single process's exactly
     in fp32, with a stacked adapter; the per-rank memory estimate is printed before loading."""
     import json
 
@@ -72,7 +73,7 @@ def test_sharded_weights_equal_single_process(tmp_path):
     for r, got in enumerate(ranks):
         assert got["sharded"] and got["weights"] == "sharded over 2 ranks"
         assert got["local_rows"] == [32, 64]  # up_proj: 64 rows, half on each rank
-        for key in ("scores", "greedy", "stopped", "sampled", "judged"):
+        for key in ("scores", "greedy", "stopped", "sampled", "judged", "expected"):
             assert got[key] == one[key], (r, key)
     # The cases that need the ranks kept in step occurred: the 3 batches split 1 + 2, and the
     # generations stopped after different numbers of steps.
@@ -80,7 +81,7 @@ def test_sharded_weights_equal_single_process(tmp_path):
     lengths = {len(ids) for ids, _ in one["stopped"]}
     assert len(lengths) > 1 and {s for _, s in one["stopped"]} == {True, False}
     assert ranks[0]["idle_passes"] > 1
-    assert len(one["judged"]) == 5
+    assert len(one["judged"]) == 5 and len({s["nodes"] for s in one["expected"]}) > 1
 
 
 def test_shard_weights_auto_follows_the_estimate(tmp_path):
