@@ -232,7 +232,8 @@ def run_evals(s: RunSettings, point: int, model: str, adapters: list[str], log) 
         return out
     where = "the base model" if point == 0 else f"stage {point}"
     log(f"evals after {where}: loading {model}" + (f" with {len(adapters)} adapter(s)" if adapters else ""))
-    loaded = load_eval_model(model, adapters, template=s.template, dtype=str(s.eval.get("dtype", "bfloat16")))
+    loaded = load_eval_model(model, adapters, template=s.template, dtype=str(s.eval.get("dtype", "bfloat16")),
+                             batch_size=common["batch_size"])  # weights sharded over the ranks when the estimate says so
     for summary, job in todo:
         log(f"eval after {where}: {summary.name.split('_summary')[0]}")
         job(loaded)
