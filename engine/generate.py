@@ -151,7 +151,7 @@ class Generator:
         make the same calls. Results equal a single process's, sampling included (each
         conversation's random stream is seeded by its global index). The model may be whole on
         each rank or FSDP-sharded over them (its passes are then kept in step, see
-        `engine.lockstep`; with ``shard`` False every rank then runs every conversation).
+        `engine.lockstep`); with ``shard`` False every rank runs every conversation.
 
         ``answer_prefix``: text that starts every assistant turn, appended after the generation
         prompt: choices are scored, and generation continues, after it (e.g. what the template's
