@@ -21,7 +21,8 @@ vocabulary; T tokens per micro-batch, all assumed trained, the upper bound):
       S = b·(2h + 2q + 2kv + 2i + n_a·r) + 4·(heads + 2)
 
   the two norms' inputs, q, k, v and attention's output, the MLP's gate and up outputs, each
-  adapter's x·Aᵀ; fp32 log-sum-exp per head and two rstd values. Plus, per layer and regardless
+  adapter's x·Aᵀ; fp32 log-sum-exp per head and two rstd values; with residual dropout
+  (Seed-OSS) + 2h, its two bool masks. Plus, per layer and regardless
   of T, the adapters cast to the compute dtype (fp32 masters cast to bf16; none in fp32, none
   under FSDP, which all-gathers them in the compute dtype and frees them with the layer). A
   recomputed layer keeps only its input (b·h). The rotary tables (cos, sin: 2·d·b) are shared by
@@ -51,7 +52,9 @@ The same terms on the torch reference path (``kernels="reference"``: the CPU, or
 ``ENGINE_KERNELS=reference``): attention (one SDPA call per packed sample) keeps each sample's
 output and o_proj's adapter a copy of their concatenation (S + b·q); the SwiGLU backward's torch
 expression holds a fourth (T × i) tensor, silu(gate) (W + b·i); the loss materialises the fp32
-(T × V) logits, kept for backward, and its backward four more of them (5·4·V instead of the chunk).
+(T × V) logits, kept for backward, and its backward four more of them (5·4·V instead of the chunk);
+the residual dropouts' masks (Seed-OSS: 2·h per layer in S, one byte each on the GPU) are the
+CPU's scaled noise, in the compute dtype (2·b·h).
 
 What a CPU measurement cannot tell (``tests/test_memory_peak.py`` measures every term above, on
 both paths, against the peak of live tensor bytes of a real step): CUDA's caching allocator
@@ -107,7 +110,9 @@ def layer_activation_bytes(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: 
     targets = [t for t in lora_targets if t in shapes]
     per_token = b * (2 * h + 2 * q + 2 * kv + 2 * inter + lora_r * len(targets)) + 4 * (args.num_attention_heads + 2)
     if args.residual_dropout > 0:
-        per_token += 2 * h  # the two residual dropouts' masks, one byte per element (Seed-OSS)
+        # The two residual dropouts' masks (Seed-OSS): CUDA's fused dropout keeps a bool mask, one
+        # byte per element; the CPU's keeps its scaled noise in the compute dtype.
+        per_token += 2 * h * (1 if kernels == "triton" else b)
     if kernels == "reference":
         per_token += b * q  # SDPA's per-sample outputs, besides o_proj's copy of their concatenation
     casts = 0 if dtype == "float32" else b * sum(lora_r * sum(shapes[t]) for t in targets)

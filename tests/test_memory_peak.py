@@ -42,6 +42,10 @@ SHAPES = {
                         head_dim=16, vocab_size=256),
     # residual dropout kept; attention dropout off (the torch path's SDPA would fall back to
     # materialising the probabilities, which the estimate does not model; the kernel keeps none)
+    # Qwen2.5-0.5B's widths (a vocabulary of 8,192: the torch path's fp32 logits would otherwise
+    # be most of the peak, leaving the layers' terms unchecked)
+    "qwen2.5-0.5b-like": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                              head_dim=64, vocab_size=8192, tie_word_embeddings=True),
     "seed-oss-36b": dict(hidden_size=64, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2,
                          head_dim=16, vocab_size=256, attention_dropout=0.0),
 }
@@ -51,8 +55,9 @@ TOLERANCE = 0.10
 RNG_STATE_BYTES = torch.get_rng_state().numel()  # saved by torch.utils.checkpoint per recomputed layer
 
 
-def model_args(preset: str, layers: int) -> ModelArgs:
-    return ModelArgs.from_hf_config(PRESETS[preset] | SHAPES[preset] | {"num_hidden_layers": layers})
+def model_args(shape: str, layers: int) -> ModelArgs:
+    preset = shape.removesuffix("-like").replace("0.5b", "32b")
+    return ModelArgs.from_hf_config(PRESETS[preset] | SHAPES[shape] | {"num_hidden_layers": layers})
 
 
 def build(args: ModelArgs, dtype: torch.dtype, recomputed: int):
@@ -143,28 +148,36 @@ def test_estimate_bounds_the_measured_peak_seed_oss_shape(recomputed):
     check_peaks("seed-oss-36b", torch.bfloat16, recomputed, "reference", layers=2)
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
-def test_saved_activations_are_exactly_what_stays_live(kernels):
+@pytest.mark.parametrize("preset, kernels", [("qwen2.5-32b", "reference"), ("qwen2.5-32b", "triton"),
+                                             ("seed-oss-36b", "reference")])
+def test_saved_activations_are_exactly_what_stays_live(preset, kernels):
     """After the forward, each decoder layer adds exactly the estimate's saved bytes to the live
     tensors: S per layer run without recomputation, its input (plus the generator state) per
     recomputed one. Unlike tests/test_saved_tensors.py, which counts what autograd's pack hooks
     receive, this sees tensors kept alive any other way (a closure of a saved-tensor hook held
     the norms' outputs and silu(gate)·up of every layer, and with recomputation the layers'
     inputs and outputs: 1.3× and 20× the estimate per layer)."""
-    tokens, dtype = 48, torch.float16 if kernels == "triton" else torch.bfloat16
+    tokens, dtype = 16 if kernels == "triton" else 48, torch.float16 if kernels == "triton" else torch.bfloat16
     name = str(dtype).removeprefix("torch.")
     for recomputed in (False, True):
         live = {}
-        for layers in (1, 3):
-            args = model_args("qwen2.5-32b", layers)
+        for layers in (1, 2):
+            args = model_args(preset, layers)
             live[layers] = step_memory(build(args, dtype, layers if recomputed else 0), tokens, kernels)[0]
-        per_layer = (live[3] - live[1]) / 2
+        per_layer = live[2] - live[1]
         if recomputed:
             expected = tokens * args.hidden_size * dtype.itemsize + RNG_STATE_BYTES
         else:
             per_token, casts = layer_activation_bytes(args, dtype=name, lora_r=LORA_R, kernels=kernels)
             expected = tokens * per_token + casts
         assert per_layer == expected, (recomputed, per_layer, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recomputed", [0, 2], ids=["no-recompute", "all-recomputed"])
+def test_estimate_bounds_the_measured_peak_half_billion_shape(recomputed):
+    """Qwen2.5-0.5B's widths, bf16, 2 layers, 128 and 256 tokens, on the torch path: minutes."""
+    check_peaks("qwen2.5-0.5b-like", torch.bfloat16, recomputed, "reference", layers=2)
 
 
 @contextlib.contextmanager
