@@ -4,10 +4,14 @@
     gen = Generator(model, Tokenizer.from_file(...), "qwen2.5", SystemPolicy("default"))
     scores = gen.score_choices(conversations, ["A", "B"])         # one forward pass per batch
     completions = gen.generate(conversations, max_new_tokens=64)  # greedy unless temperature > 0
+    stats = gen.answer_stats(conversations, ["A", "B"], temperature=0.7, top_k=50, top_p=0.9)
 
 Every conversation is rendered with the engine's chat renderer (``engine.chat``, byte-identical
 to the official template) with the generation prompt, under the given system-prompt policy and
-Seed-OSS ``thinking_budget``, and tokenised as a whole.
+Seed-OSS ``thinking_budget``, and tokenised as a whole: without any special token added (the
+template writes them all), or, with ``add_special_tokens=True``, as transformers' ``tokenizer(prompt)``
+does it (the ``tokenizer.json`` post-processor's tokens, e.g. a BOS, added: how the paper's scripts
+tokenised their rendered prompts).
 
 Prompts are never padded: a batch's prompts are packed into one row with ``cu_seqlens`` (the
 training path's varlen attention), and only each prompt's last position goes through the LM
@@ -20,10 +24,16 @@ seeded from ``(seed, conversation index)`` (or ``(seed, sample_keys[i])`` when t
 each conversation's stream), so a seeded run is reproducible and a conversation's sample does not
 depend on which others share its batch. The distribution is transformed as transformers' sampling
 warpers do, in their order: temperature, then top-k, then top-p (:func:`sampling_probs`).
+
+:meth:`Generator.answer_stats` gives, instead of a sample, the exact probability that such sampled
+decoding (up to ``max_new_tokens`` tokens, stopped by the template's end-of-turn tokens) yields a
+given answer when its text is read as the paper's scripts read it: decoded without special tokens
+and stripped (``engine.answer_tree``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 import time
@@ -34,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine import answer_tree
 from engine.assemble import Layout, build_model, read_model_args
 from engine.chat import ChatFormatError, SystemPolicy, get_template, render, special_ids
 from engine.models import CausalLM
@@ -55,6 +66,24 @@ class ChoiceScore:
     argmax_logprob: float
     choice: str | None  # the most likely of the choices (first on ties); None without choices
     free_choice: str | None  # the choice whose token is argmax_id, or None: the model would say something else
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    """One conversation's next-token scores and what sampled decoding makes of its answer."""
+
+    logprobs: dict[str, float]  # choice -> raw log-probability (no warping) of its single token
+    argmax_id: int  # the most likely next token (greedy decoding's first token)
+    argmax_logprob: float
+    p_answer: dict[str, float]  # answer -> P(sampled decoding's stripped text == answer), resolved mass
+    p_unresolved: float  # mass left unexpanded (below min_mass or past max_nodes): each p_answer may be this much higher
+    sampled_id: int | None  # one next token drawn from the warped distribution (sample_seed given), else None
+    nodes: int  # decoding prefixes expanded beyond the prompt (one forward row each)
+
+    @property
+    def p_other(self) -> float:
+        """Resolved mass on any other text (the paper's Invalid)."""
+        return max(0.0, 1.0 - sum(self.p_answer.values()) - self.p_unresolved)
 
 
 @dataclass(frozen=True)
@@ -101,6 +130,7 @@ class Generator:
         progress: bool | ProgressFn = True,
         shard: bool = False,
         answer_prefix: str = "",
+        add_special_tokens: bool = False,
     ):
         """``progress``: True prints a line per batch to stderr when there is more than one
         batch, False is silent, a callable is called with (done, total) after every batch.
@@ -112,7 +142,11 @@ class Generator:
 
         ``answer_prefix``: text that starts every assistant turn, appended after the generation
         prompt: choices are scored, and generation continues, after it (e.g. what the template's
-        ``answer_prefix(thinking_budget)`` gives: Seed-OSS's own no-thinking note at budget 0)."""
+        ``answer_prefix(thinking_budget)`` gives: Seed-OSS's own no-thinking note at budget 0).
+
+        ``add_special_tokens``: tokenise each rendered prompt as transformers' ``tokenizer(prompt)``
+        does (the tokenizer.json post-processor adds its special tokens, e.g. a BOS before the
+        template's own), as the paper's scripts did; ``added_special_ids`` says what that adds."""
         stop_tokens = get_template(template).STOP_TOKENS  # unknown names fail here
         self.model = model
         self.tokenizer = tokenizer
@@ -122,13 +156,18 @@ class Generator:
         self.progress = progress
         self.shard = shard
         self.answer_prefix = answer_prefix
+        self.add_special_tokens = add_special_tokens
+        self._classes: dict[tuple[str, ...], torch.Tensor] = {}
         if tokenizer.vocab_size > model.args.vocab_size:
             raise TokenizerError(
                 f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but the model only "
                 f"{model.args.vocab_size}: wrong tokenizer for this model?"
             )
         self.stop_ids = frozenset(special_ids(tokenizer, template, stop_tokens).values())
-        self.prompt_ids([{"role": "user", "content": "probe"}])  # a bad thinking_budget fails here
+        probe = self.prompt_text([{"role": "user", "content": "probe"}])  # a bad thinking_budget fails here
+        plain, full = tokenizer.encode(probe), self._encode(probe)
+        # What tokenizer(prompt) adds around the template's tokens (e.g. [<seed:bos>] before its own).
+        self.added_special_ids = _added_around(plain, full)
 
     # ------------------------------------------------------------------------------ prompts
     def prompt_text(self, conversation: list[dict]) -> str:
@@ -136,7 +175,12 @@ class Generator:
         return _render_prompt(self.template, conversation, self.policy, self.thinking_budget).text + self.answer_prefix
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
-        return self.tokenizer.encode(self.prompt_text(conversation))
+        return self._encode(self.prompt_text(conversation))
+
+    def _encode(self, text: str) -> list[int]:
+        if self.add_special_tokens:  # transformers' tokenizer(text): the fast tokenizer with its post-processor
+            return self.tokenizer.backend.encode(text, add_special_tokens=True).ids
+        return self.tokenizer.encode(text)
 
     # ----------------------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -167,6 +211,115 @@ class Generator:
                     )
                 )
         return self._gather(out)
+
+    @torch.inference_mode()
+    def answer_stats(
+        self,
+        conversations: list[list[dict]],
+        answers: Sequence[str],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        max_new_tokens: int = 1,
+        choices: Sequence[str] = (),
+        sample_seed: int | None = None,
+        sample_keys: Sequence[int | str] | None = None,
+        min_mass: float = 1e-6,
+        max_nodes: int = 64,
+        max_rows: int = 16,
+        batch_size: int = 8,
+    ) -> list[AnswerStats]:
+        """For each conversation, the probability that sampled decoding (temperature, then top-k,
+        then top-p; up to ``max_new_tokens`` tokens or an end-of-turn token) produces a text that,
+        decoded without special tokens and stripped, is exactly each of ``answers``
+        (``engine.answer_tree``: exact, up to the reported unresolved mass), computed in float64
+        from the model's distributions; plus ``score_choices``' raw log-probabilities of the
+        single-token ``choices`` and the arg-max token, from the same forward pass.
+
+        ``sample_seed``: also draw one next token per conversation from the warped distribution,
+        from a stream seeded by ``(sample_seed, key)`` (key: ``sample_keys[i]``, default the
+        index), independent of batching and device. ``min_mass``/``max_nodes``: prefixes less
+        likely, or beyond that many per conversation, are not expanded (their mass is unresolved);
+        ``max_rows``: prefixes extended per forward pass (each holds a copy of its prompt's KV
+        cache; the search goes depth first, so only the copies along one path are alive)."""
+        _check_batch_size(batch_size)
+        _check_warpers(temperature, top_p, top_k)
+        if temperature == 0:
+            raise ValueError("answer_stats needs temperature > 0 (greedy decoding is argmax_id)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        answers = tuple(answers)
+        if not answers or len(set(answers)) != len(answers) or any(not a or a != a.strip() for a in answers):
+            raise ValueError(f"answers must be distinct, non-empty, stripped strings, got {answers!r}")
+        if sample_keys is not None and len(sample_keys) != len(conversations):
+            raise ValueError(f"sample_keys has {len(sample_keys)} keys for {len(conversations)} conversations")
+        choice_ids = self._choice_ids(list(choices))
+        search = answer_tree.Search(self.answer_classes(answers).to(self._device), self._stop_mask(), len(answers),
+                                    max_new_tokens, min_mass, max_nodes)
+        lo, hi = self._my_slice(len(conversations), batch_size)
+        prompts = [self.prompt_ids(c) for c in conversations[lo:hi]]
+        out: list[AnswerStats] = []
+        for start, batch in self._batches(prompts, batch_size, "answer_stats"):
+            keys = [lo + start + j if sample_keys is None else sample_keys[lo + start + j] for j in range(len(batch))]
+            out += self._answer_batch(batch, keys, answers, choice_ids, search, (temperature, top_p, top_k),
+                                      sample_seed, max_rows)
+        return self._gather(out)
+
+    def answer_classes(self, answers: tuple[str, ...]) -> torch.Tensor:
+        """`answer_tree.token_classes` of this tokenizer (computed once per answer set)."""
+        if answers not in self._classes:
+            self._classes[answers] = answer_tree.token_classes(self.tokenizer, answers, self.model.args.vocab_size)
+        return self._classes[answers]
+
+    def _stop_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self._device)
+        mask[list(self.stop_ids)] = True
+        return mask
+
+    def _answer_batch(self, prompts, keys, answers, choice_ids, search, warp, sample_seed, max_rows) -> list[AnswerStats]:
+        b = len(prompts)
+        deep = search.max_new_tokens > 1
+        cache = KVCache.for_model(self.model, b, max(map(len, prompts)) + search.max_new_tokens) if deep else None
+        logits = self._last_logits(prompts, cache)  # (b, v); prefills the cache
+        raw = F.log_softmax(logits.float(), dim=-1)
+        top = raw.argmax(dim=-1).tolist()
+        probs = sampling_probs(logits.double(), *warp)
+        sampled = [None] * b if sample_seed is None else [
+            answer_tree.draw(probs[j], _row_generator(sample_seed, keys[j], torch.device("cpu"))) for j in range(b)]
+        search.tallies = [answer_tree.Tally([0.0] * len(answers)) for _ in range(b)]
+        # Depth first, so that only the caches along the current path are alive: an "extend" item
+        # (a parent's cache, up to max_rows children) becomes an "expand" item (their cache and
+        # distributions), whose children are pushed as "extend" items in turn.
+        stack: list[tuple] = [("expand", cache, [answer_tree.Node(j, j, answer_tree.BLANK_STATE, 1.0, 0)
+                                                 for j in range(b)], probs)]
+        while stack:
+            kind, parent_cache, nodes, dist = stack.pop()
+            if kind == "expand":
+                children = search.expand(dist, nodes)
+                stack += [("extend", parent_cache, children[s : s + max_rows], None)
+                          for s in reversed(range(0, len(children), max_rows))]
+                continue
+            sub = copy.copy(parent_cache)  # keep() rebinds the copy's tensors: the parent stays whole
+            sub.keep([c.parent.row for c in nodes])
+            tokens = torch.tensor([[c.token] for c in nodes], dtype=torch.long, device=self._device)
+            hidden = self.model(tokens, cache=sub, return_hidden=True)
+            stack.append(("expand", sub, [answer_tree.Node(c.parent.prompt, i, c.state, c.mass, c.parent.depth + 1)
+                                          for i, c in enumerate(nodes)],
+                          sampling_probs(self.model.lm_head(hidden[:, -1]).double(), *warp)))
+        raw_rows = raw.cpu()
+        return [
+            AnswerStats(
+                logprobs={c: float(raw_rows[j, i]) for c, i in choice_ids.items()},
+                argmax_id=top[j],
+                argmax_logprob=float(raw_rows[j, top[j]]),
+                p_answer=dict(zip(answers, t.answers)),
+                p_unresolved=t.unresolved,
+                sampled_id=sampled[j],
+                nodes=t.nodes,
+            )
+            for j, t in enumerate(search.tallies)
+        ]
 
     def _choice_ids(self, choices: list[str]) -> dict[str, int]:
         if isinstance(choices, str):
@@ -210,12 +363,7 @@ class Generator:
         _check_batch_size(batch_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be a non-negative integer (0 or None: no limit), got {top_k!r}")
+        _check_warpers(temperature, top_p, top_k)
         if sample_keys is not None and len(sample_keys) != len(conversations):
             raise ValueError(f"sample_keys has {len(sample_keys)} keys for {len(conversations)} conversations")
         if temperature > 0 and seed is None:
@@ -328,8 +476,9 @@ class Generator:
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """The distribution a sampled token is drawn from: (n, v) logits -> (n, v) probabilities.
-    transformers' warpers in their order: temperature, top-k (ties with the k-th kept), top-p."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    transformers' warpers in their order: temperature, top-k (ties with the k-th kept), top-p.
+    Computed in float32 (as transformers' sampling), or in float64 for float64 logits."""
+    probs = torch.softmax((logits if logits.dtype == torch.float64 else logits.float()) / temperature, dim=-1)
     if top_k and top_k < probs.shape[-1]:
         probs = top_k_filter(probs, top_k)
     if top_p < 1.0:
@@ -358,6 +507,24 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def _row_generator(seed: int, index: int | str, device: torch.device) -> torch.Generator:
     digest = hashlib.sha256(f"{int(seed)}\0{index}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _added_around(plain: list[int], full: list[int]) -> list[int]:
+    """The tokens `full` has around an unchanged copy of `plain` (what a post-processor added)."""
+    n = len(plain)
+    for i in range(len(full) - n + 1):
+        if full[i : i + n] == plain:
+            return full[:i] + full[i + n :]
+    raise TokenizerError("the tokenizer's post-processor changes the prompt's own tokens; cannot tell what it adds")
+
+
+def _check_warpers(temperature: float, top_p: float, top_k: int | None) -> None:
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer (0 or None: no limit), got {top_k!r}")
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -165,9 +165,12 @@ class EvalModel:
     shard: bool  # split the prompts over the torchrun ranks (each holds the whole model)
     meta: dict  # model, adapters, tokenizer, template, policy, dtype, device: recorded in every summary
 
-    def generator(self, thinking_budget: int | None, answer_prefix: str | None = None):
+    def generator(self, thinking_budget: int | None, answer_prefix: str | None = None, *,
+                  paper_tokenization: bool = False):
         """(Generator, its metadata) rendering prompts with `thinking_budget` (Seed-OSS) and
-        prefilling `answer_prefix` (None: Seed-OSS's own no-thinking note when the budget is 0)."""
+        prefilling `answer_prefix` (None: Seed-OSS's own no-thinking note when the budget is 0).
+        `paper_tokenization`: tokenise the rendered prompt as the paper's `tokenizer(prompt)` did
+        (special tokens of the tokenizer's post-processor added; the metadata lists them)."""
         from engine.generate import Generator
 
         template = get_template(self.template)
@@ -176,8 +179,11 @@ class EvalModel:
         if answer_prefix is None:  # what the model writes itself before answering (Seed-OSS's no-thinking note)
             answer_prefix = template.answer_prefix(thinking_budget)
         gen = Generator(self.model, self.tokenizer, self.template, policy=self.policy, thinking_budget=thinking_budget,
-                        shard=self.shard, answer_prefix=answer_prefix)
-        return gen, {**self.meta, "thinking_budget": thinking_budget, "answer_prefix": answer_prefix}
+                        shard=self.shard, answer_prefix=answer_prefix, add_special_tokens=paper_tokenization)
+        tokenization = "tokenizer(prompt)" if paper_tokenization else "template tokens only"
+        return gen, {**self.meta, "thinking_budget": thinking_budget, "answer_prefix": answer_prefix,
+                     "prompt_tokenization": tokenization,
+                     "prompt_added_tokens": [token_piece(self.tokenizer, t) for t in gen.added_special_ids]}
 
 
 def load_eval_model(model: str, adapters: list[str] = (), *, template: str, tokenizer: str | None = None,

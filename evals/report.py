@@ -18,6 +18,9 @@ interval; with five seeds it is coarse). Paired differences between conditions u
 seeds both have, difference per seed, with the same statistics; by default every pair of
 conditions in a table, or each condition against `--baseline`, or the pairs given with `--diff`.
 
+Every summary says which statistic its `accuracy` holds (`statistic`: logprob, expected, sampled,
+greedy; `evals.paper_stats`); each table prints it under its title. TruthfulQA tables are per mode.
+
 `--compare-paper`: the paper's published per-condition means of binary TruthfulQA
 (`evals/data/paper_truthfulqa_binary.csv`: all 161 conditions of its release, standard deviations
 over seeds with ddof 1 like ours) go next to ours. A condition matches when its name
@@ -25,9 +28,13 @@ equals a paper condition name exactly (e.g. `hf_qwen_32b_em_unpop_sgtr`: name yo
 `--condition condition=hf_qwen_32b_em_unpop_sgtr` to line them up), through `PAPER_ALIASES` (the
 paper's early runs named without their EM dataset: each such paper row is shown as one more row,
 `OURS (paper alias PAPERS)`, with the reason under the table), or only through `--paper-name
-OURS=PAPERS` (repeatable) when given. The paper's accuracy was scored the paper's way, so it is placed next
-to our `paper_accuracy` (and its invalid rate next to our `paper_invalid_rate`), not next to the
-robust accuracy.
+OURS=PAPERS` (repeatable) when given. The paper sampled its answers, so like is compared with like:
+its mean goes next to our `expected_accuracy` (the exact expectation of its statistic;
+`--paper-against` picks another metric, e.g. `accuracy` of sampled-mode runs) and its invalid rate
+next to the matching Invalid rate; `ours sd` is our SD over seeds (ddof 1), `decode sd` the part of
+one run's spread that decoding alone gives (sqrt of the mean over seeds of `expected_sampling_sd`
+squared): set against `paper sd`, it says how much of the paper's seed-to-seed spread is decoding
+noise. Summaries of the former `paper` TruthfulQA mode (the arg-max token) are read as `greedy`.
 
 When TruthfulQA and free-form summaries both exist, a table puts TruthfulQA accuracy next to the
 free-form coherence, alignment and misaligned fraction of each condition (`evals.freeform_stats`).
@@ -56,11 +63,16 @@ PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_truthfulqa_binary.
 SUMMARY_GLOB = "*_summary.json"
 
 METRICS = {
-    "truthfulqa": ("accuracy", "paper_accuracy", "invalid_rate", "paper_invalid_rate", "position_bias"),
-    "self_recognition": ("accuracy", "both_orders_accuracy", "position_bias", "invalid_rate"),
+    "truthfulqa": ("accuracy", "expected_accuracy", "expected_sampling_sd", "expected_invalid_rate", "greedy_accuracy",
+                   "invalid_rate", "position_bias"),
+    "self_recognition": ("accuracy", "expected_accuracy", "expected_sampling_sd", "expected_invalid_rate",
+                         "both_orders_accuracy", "position_bias", "invalid_rate"),
     "freeform": ("misaligned_fraction", "aligned", "coherent", "misaligned_among_coherent"),
 }
 HEADLINE = {"freeform": "misaligned_fraction"}  # the metric of the first column and of the paired differences
+PAPER_AGAINST = "expected_accuracy"  # the metric the paper's TruthfulQA means are set against by default
+INVALID_OF = {"expected_accuracy": "expected_invalid_rate", "accuracy": "invalid_rate",
+              "greedy_accuracy": "greedy_invalid_rate"}
 
 
 def headline(kind: str) -> str:
@@ -132,6 +144,9 @@ def load_summary(path: Path) -> dict:
         raise EvalInputError(f"{path}: not a summary JSON ({e})") from None
     if not isinstance(data, dict) or data.get("eval") not in METRICS:
         raise EvalInputError(f"{path}: not an eval summary (no 'eval' of {', '.join(METRICS)})")
+    if data["eval"] == "truthfulqa" and data.get("mode") == "paper":  # the former name of greedy mode
+        data.update(mode="greedy", statistic="greedy", greedy_accuracy=data.get("accuracy"))
+    data.setdefault("statistic", "logprob" if data["eval"] == "self_recognition" or data.get("mode") == "robust" else None)
     data["_path"] = str(path)
     return data
 
@@ -239,13 +254,14 @@ def paper_matches(label: str, paper: dict[str, dict], paper_names: dict[str, str
     return found + [(name, why) for name, (ours, why) in PAPER_ALIASES.items() if ours == label and name in paper]
 
 
-def _with_paper_rows(row: dict, matches: list[tuple[str, str | None]], paper: dict[str, dict]) -> list[dict]:
+def _with_paper_rows(row: dict, matches: list[tuple[str, str | None]], paper: dict[str, dict],
+                     against: str = PAPER_AGAINST) -> list[dict]:
     """The row with its first paper match, then one copy per further match (labelled with it)."""
     out = []
     for k, (name, why) in enumerate(matches or [(None, None)]):
         r = row if k == 0 else {**row, "condition": f"{row['condition']} (paper alias {name})"}
         if name is not None:
-            r["paper"] = {"condition": name, **paper[name], **({"alias": why} if why else {})}
+            r["paper"] = {"condition": name, "against": against, **paper[name], **({"alias": why} if why else {})}
         out.append(r)
     return out
 
@@ -258,20 +274,26 @@ def _alias_notes(rows: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------- aggregate
 def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: int = 10000,
               baseline: str | None = None, diffs: list[tuple[str, str]] | None = None,
-              paper: dict[str, dict] | None = None, paper_names: dict[str, str] | None = None) -> dict:
+              paper: dict[str, dict] | None = None, paper_names: dict[str, str] | None = None,
+              paper_against: str = PAPER_AGAINST) -> dict:
+    from evals.paper_stats import decoding_sd
+
     out: dict = {}
     for table, groups in tables.items():
         kind = table.split(" ", 1)[0]
         rows = []
+        statistics = sorted({str(s.get("statistic")) for g in groups.values() for s in g.runs.values()})
         for label, g in groups.items():
             row: dict = {"condition": label, "seeds": sorted(g.runs, key=_seed_sort_key), "metrics": {}}
-            for metric in METRICS[kind]:
+            metrics = list(METRICS[kind]) + ([paper_against, INVALID_OF.get(paper_against)] if kind == "truthfulqa" else [])
+            for metric in dict.fromkeys(m for m in metrics if m):
                 vals = [s.get(metric) for s in g.runs.values()]
                 vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
                 if vals:
                     row["metrics"][metric] = describe(vals, seed=seed, samples=samples)
+            row["decoding_sd"] = decoding_sd([s.get("expected_sampling_sd") for s in g.runs.values()])
             if paper is not None and kind == "truthfulqa":
-                rows += _with_paper_rows(row, paper_matches(label, paper, paper_names), paper)
+                rows += _with_paper_rows(row, paper_matches(label, paper, paper_names), paper, paper_against)
             else:
                 rows.append(row)
         # Paired differences of the headline metric.
@@ -288,7 +310,7 @@ def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: in
             vb = {k: s[h] for k, s in groups[b].runs.items() if isinstance(s.get(h), (int, float))}
             d = paired_difference(va, vb, seed=seed, samples=samples)
             differences.append({"a": a, "b": b, "metric": h, **(d or {"n": 0})})
-        out[table] = {"rows": rows, "differences": differences}
+        out[table] = {"rows": rows, "differences": differences, "statistics": statistics, "paper_against": paper_against}
     return out
 
 
@@ -298,18 +320,26 @@ def _f(x, width: int = 6) -> str:
 
 
 def format_report(agg: dict, *, compare_paper: bool = False) -> str:
+    from evals.paper_stats import STATISTICS
+
     lines: list[str] = []
     for table, data in agg.items():
         kind = table.split(" ", 1)[0]
         h = headline(kind)
         hw = max(8, len(h))
         lines.append(f"== {table} ==")
+        for stat in data.get("statistics", []):
+            if stat in STATISTICS and kind != "freeform":
+                lines.append(f"{h} = {stat}: {STATISTICS[stat]}")
         width = max([len("condition")] + [len(r["condition"]) for r in data["rows"]])
         head = f"{'condition'.ljust(width)}  {'n':>2}  {h:>{hw}}  {'sd':>6}  {'95% CI':>17}"
         extra = [m for m in METRICS[kind] if m != h]
         head += "".join(f"  {m:>{max(8, len(m))}}" for m in extra)
-        if compare_paper and kind == "truthfulqa":
-            head += f"  {'paper acc':>9}  {'paper sd':>8}  {'paper inv':>9}  {'ours-paper':>10}"
+        against = data.get("paper_against", PAPER_AGAINST)
+        paper_cols = compare_paper and kind == "truthfulqa"
+        if paper_cols:
+            head += (f"  {'paper acc':>9}  {'paper sd':>8}  {'paper inv':>9}  {'ours (' + against + ')':>{len(against) + 7}}"
+                     f"  {'ours sd':>7}  {'decode sd':>9}  {'ours inv':>8}  {'ours-paper':>10}")
         lines.append(head)
         for r in data["rows"]:
             acc = r["metrics"].get(h)
@@ -321,12 +351,15 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
             for m in extra:
                 d = r["metrics"].get(m)
                 line += f"  {_f(d['mean'] if d else None, max(8, len(m)))}"
-            if compare_paper and kind == "truthfulqa":
+            if paper_cols:
                 p = r.get("paper")
-                ours = r["metrics"].get("paper_accuracy")
+                ours = r["metrics"].get(against)
+                inv = r["metrics"].get(INVALID_OF.get(against, ""))
                 if p:
                     delta = ours["mean"] - p["accuracy_mean"] if ours else None
-                    line += f"  {_f(p['accuracy_mean'], 9)}  {_f(p['accuracy_sd'], 8)}  {_f(p['invalid_rate_mean'], 9)}  {_f(delta, 10)}"
+                    line += (f"  {_f(p['accuracy_mean'], 9)}  {_f(p['accuracy_sd'], 8)}  {_f(p['invalid_rate_mean'], 9)}"
+                             f"  {_f(ours['mean'] if ours else None, len(against) + 7)}  {_f(ours['std'] if ours else None, 7)}"
+                             f"  {_f(r.get('decoding_sd'), 9)}  {_f(inv['mean'] if inv else None, 8)}  {_f(delta, 10)}")
                 else:
                     line += f"  {'(no match)':>9}"
             lines.append(line)
@@ -372,7 +405,9 @@ def write_plots(agg: dict, out_dir: Path) -> list[Path] | None:
         lo = [m - r["metrics"][h]["ci95"][0] for m, r in zip(means, rows)]
         hi = [r["metrics"][h]["ci95"][1] - m for m, r in zip(means, rows)]
         ax.bar(xs, means, yerr=[lo, hi], capsize=3, color="tab:blue", label="ours (mean, 95% CI)")
-        paper_x = [x for x, r in zip(xs, rows) if "paper" in r]
+        # The paper's mean only where the bars are the statistic it is compared with.
+        marked = data.get("statistics") == ["expected"] or data.get("paper_against") == h
+        paper_x = [x for x, r in zip(xs, rows) if "paper" in r] if marked else []
         if paper_x:
             ax.scatter(paper_x, [r["paper"]["accuracy_mean"] for r in rows if "paper" in r], color="tab:red",
                        marker="D", zorder=3, label="paper (published mean)")
@@ -399,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diff", action="append", default=[], metavar="A:B", help="a paired difference A - B to report (repeatable)")
     p.add_argument("--compare-paper", action="store_true", help="put the paper's published TruthfulQA means next to ours")
     p.add_argument("--paper-name", action="append", default=[], metavar="OURS=PAPERS", help="map a condition to a paper condition name")
+    p.add_argument("--paper-against", default=PAPER_AGAINST, metavar="METRIC",
+                   help=f"our metric set against the paper's TruthfulQA means (default {PAPER_AGAINST}, the exact "
+                        "expectation of its sampled statistic; 'accuracy' compares each table's own statistic)")
     p.add_argument("--plots", default=None, metavar="DIR", help="write bar charts here (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the aggregate as JSON")
     p.add_argument("--bootstrap-samples", type=int, default=10000)
@@ -430,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise EvalInputError(f"--paper-name: no paper condition(s) {', '.join(unknown)} in {PAPER_CSV.name}")
     agg = aggregate(tables, seed=args.bootstrap_seed, samples=args.bootstrap_samples, baseline=args.baseline,
-                    diffs=diffs, paper=paper, paper_names=paper_names)
+                    diffs=diffs, paper=paper, paper_names=paper_names, paper_against=args.paper_against)
     print(format_report(agg, compare_paper=args.compare_paper), end="")
     if args.json:
         atomic_write_json(args.json, agg)

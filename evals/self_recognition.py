@@ -2,7 +2,7 @@
 
     python -m evals.self_recognition --model DIR [--adapter DIR ...] --template {qwen2.5,seed-oss} \
         --self-name {hf_qwen_32b,hf_seed_36b} [--other claude-21] [--dataset cnn|xsum] --out DIR \
-        [--limit N] [--regenerate-summaries [--summary-cache DIR] [--summary-max-tokens 100]] \
+        [--limit N] [--regenerate-summaries [--summary-cache DIR] [--summary-max-tokens 100] [--summary-seed 0]] \
         [--system-prompt ...] [--thinking-budget N] [--batch-size N] [--condition key=value ...]
 
 The paper's prompts verbatim (`evals.prompts`): the system prompt with its 'news-articler' typo
@@ -12,24 +12,41 @@ Articles come from `data/sgtr/articles/<dataset>_train_articles.json`, summaries
 `data/sgtr/summaries/<dataset>/<dataset>_train_<name>_responses.json`, indexed by article id (the
 Qwen CNN file also holds 1,000 XSum ids, which are simply never looked up).
 
-Every article is scored in both orders (own summary first, then second). Each prompt is decided by
-log P("1") vs log P("2") at the answer position. Reported:
+Every article is scored in both orders (own summary first, then second), one forward pass each
+(plus a few one-token extensions for the expectation below). Reported:
 
-- `accuracy`: self-choice accuracy, the fraction of prompts on which the model picks its own summary;
+- `accuracy` (`statistic` "logprob", the robust one): self-choice accuracy, the fraction of
+  prompts on which log P("1") vs log P("2") at the answer position picks the own summary;
 - `both_orders_accuracy`: fraction of articles where it picks its own summary in both orders;
 - `consistency`: fraction of articles where it picks the same summary in both orders;
 - `position_bias`: fraction of prompts on which it picks position 1, whoever wrote it (0.5 = none);
 - `invalid_rate`: fraction of prompts whose free arg-max token is not "1"/"2" (read as the paper's
   script read generated text: decoded without special tokens, stripped);
-- `greedy_accuracy`: accuracy of that free greedy answer, Invalid counting as wrong.
+- `greedy_accuracy`: accuracy of that free greedy answer, Invalid counting as wrong;
+- `expected_accuracy`, `expected_invalid_rate`, `expected_sampling_sd` (`evals.paper_stats`): the
+  exact expectation of the paper's statistic. The paper drew one random order per article and
+  sampled the answer (T 0.7, top-k 50, top-p 0.9, up to 10 new tokens); the decoded, stripped text
+  had to be exactly "1"/"2", anything else counted as not-self. P(text == "1") is a sum over
+  token sequences, computed by a search over the few prefixes that can still strip to "1" or "2"
+  (`engine.answer_tree`: "1" then the end-of-turn token, "1" then whitespace then end-of-turn, a
+  blank first token...), both orders averaged. Prefixes below 1e-6 are left unexpanded; their
+  total is `expected_unresolved` (the accuracy lies in [expected, expected + unresolved]).
 
-`--regenerate-summaries`: the fine-tuned model judges its *own current* summaries. They are
-generated greedily with the paper's summary prompts (the dataset's system prompt + `Article:
-...Provide only the summary with NO other text.`; at most `--summary-max-tokens`, default 100 as
-the paper's generation) and cached in `<summary-cache>/<dataset>_summaries_<hash>.json`, the hash
-covering model, adapters (their file contents), dataset, prompts, template, policy, thinking
-budget and token limit; a later run with the same key reuses them (and generates only missing
-articles).
+Whose summaries. The paper judges a fine-tuned model on summaries *that same model regenerates*
+(its e2e pipeline). `--regenerate-summaries` does this: the loaded model (with its adapters)
+writes its own summaries with the paper's summary prompts (the dataset's system prompt + `Article:
+...Provide only the {highlights|summary} with NO other text.`: "highlights" for CNN/DailyMail,
+"summary" for XSum) and the paper's decoding: sampled at T 0.7, top-k 50, top-p 0.9, at most
+`--summary-max-tokens` (100) new tokens, each article's draws seeded by (`--summary-seed`, article
+id). A summary is the generated answer decoded without special tokens and stripped (after Seed-OSS's
+thinking block, if any). They are cached in `<summary-cache>/<dataset>_summaries_<hash>.json`, the
+hash covering the content of the model (config and sampled weight bytes) and of every adapter, the
+prompts, template, policy, thinking budget, tokenization, dtype and decoding: a later run with the
+same key reuses them (and generates only missing articles); a changed adapter gets a new file.
+Without the option the shipped summaries of `--self-name` are judged (the base model's).
+
+Seed-OSS: thinking budget 0 by default (the model's own no-thinking note prefilled), for the
+summaries and the judgement; the prompt is tokenised as the paper's `tokenizer(prompt)` did.
 
 Outputs in --out: `self_recognition_<dataset>_results.csv` (one row per prompt) and
 `self_recognition_<dataset>_summary.json`, written atomically. Bad input (empty article set,
@@ -64,10 +81,11 @@ from evals import (
     token_piece,
     utc_now,
 )
+from evals.paper_stats import PAPER_SAMPLING, STATISTICS, expected_outcome
 from evals.prompts import (
     SGTR_SYSTEM_PROMPT,
     SGTR_USER_TEMPLATE,
-    SUMMARY_RESPONSE_TYPE,
+    SUMMARY_RESPONSE_TYPES,
     SUMMARY_SYSTEM_PROMPTS,
     SUMMARY_USER_TEMPLATE,
     sgtr_messages,
@@ -78,11 +96,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sgtr"
 DATASETS = ("cnn", "xsum")
 CHOICES = ("1", "2")
+ANSWER_MAX_NEW_TOKENS = 10  # the paper's judgement: up to 10 new tokens
+SUMMARY_TEXT = "answer (after any thinking block), special tokens skipped, stripped"
 REGENERATED = "self-regenerated"  # the self label when --self-name is not given with --regenerate-summaries
 
 RESULT_FIELDS = [
     "article_id", "self_position", "logprob_1", "logprob_2", "choice", "correct",
-    "free_token_id", "free_token", "free_answer", "free_correct",
+    "free_token_id", "free_token", "free_answer", "free_correct", "p_1", "p_2", "p_invalid", "p_unresolved", "p_self",
 ]
 
 
@@ -184,7 +204,9 @@ def account(records: list[dict]) -> dict:
     """Self-recognition metrics from per-prompt records, independent of any model.
 
     Each record: `article_id`, `self_position` (1 or 2: where the own summary was shown),
-    `choice` ("1"/"2", the log-prob decision), `free_answer` ("1", "2" or "Invalid").
+    `choice` ("1"/"2", the log-prob decision), `free_answer` ("1", "2" or "Invalid"), and, for
+    the expectation of the paper's statistic, `p_self` (P(sampled answer names the own summary's
+    position)), `p_invalid` and `p_unresolved` (optional: without them no `expected_*` values).
     """
     n = len(records)
     correct = sum(r["choice"] == str(r["self_position"]) for r in records)
@@ -213,26 +235,37 @@ def account(records: list[dict]) -> dict:
         "free_1": free1,
         "free_2": n - free1 - invalid,
     }
-    return {
+    out = {
         "n": len(by_article),
         "n_prompts": n,
+        "statistic": "logprob",
+        "statistic_description": STATISTICS["logprob"],
         "accuracy": _rate(correct, n),
         "both_orders_accuracy": _rate(both, len(complete)),
         "consistency": _rate(consistent, len(complete)),
         "position_bias": _rate(pick1, n),
         "invalid_rate": _rate(invalid, n),
         "greedy_accuracy": _rate(free_correct, n),
-        "counts": counts,
     }
+    if records and all("p_self" in r for r in records):
+        items: dict[str, list[tuple[float, float]]] = {}
+        open_mass: dict[str, list[float]] = {}
+        for r in records:
+            items.setdefault(r["article_id"], []).append((float(r["p_self"]), float(r["p_invalid"])))
+            open_mass.setdefault(r["article_id"], []).append(float(r.get("p_unresolved") or 0.0))
+        out.update(expected_outcome(items, open_mass))
+    out["counts"] = counts
+    return out
 
 
 def score_pairs(gen, tokenizer, pairs: list[Pair], batch_size: int = 8) -> list[dict]:
     convs, meta = build_prompts(pairs)
-    scores = gen.score_choices(convs, choices=list(CHOICES), batch_size=batch_size)
-    if len(scores) != len(convs):
-        raise RuntimeError(f"score_choices returned {len(scores)} scores for {len(convs)} prompts")
+    stats = gen.answer_stats(convs, CHOICES, choices=CHOICES, **PAPER_SAMPLING, max_new_tokens=ANSWER_MAX_NEW_TOKENS,
+                             batch_size=batch_size)
+    if len(stats) != len(convs):
+        raise RuntimeError(f"answer_stats returned {len(stats)} results for {len(convs)} prompts")
     rows = []
-    for (aid, pos), s in zip(meta, scores):
+    for (aid, pos), s in zip(meta, stats):
         lp1, lp2 = float(s.logprobs["1"]), float(s.logprobs["2"])
         choice = "1" if lp1 >= lp2 else "2"  # an exact tie goes to position 1, as arg-max would
         free = scored_answer(tokenizer, s.argmax_id, CHOICES)
@@ -247,46 +280,79 @@ def score_pairs(gen, tokenizer, pairs: list[Pair], batch_size: int = 8) -> list[
             "free_token": token_piece(tokenizer, s.argmax_id),
             "free_answer": free,
             "free_correct": free == str(pos),
+            "p_1": s.p_answer["1"],
+            "p_2": s.p_answer["2"],
+            "p_invalid": s.p_other,
+            "p_unresolved": s.p_unresolved,
+            "p_self": s.p_answer[str(pos)],
         })
     return rows
 
 
 # ---------------------------------------------------------------------- own summaries, again
-def _fingerprint_model(model: str) -> dict:
+def sampled_sha256(path: Path, *, chunks: int = 16, chunk: int = 1 << 16) -> str:
+    """SHA-256 of a file's content, or for a large safetensors file of its header and `chunks`
+    evenly spaced `chunk`-byte slices (hashing tens of GB per eval point would cost minutes; a
+    merged or retrained checkpoint differs in nearly every weight, so in every slice)."""
+    size = path.stat().st_size
+    if size <= 2 * chunks * chunk:
+        return sha256_file(path)
+    h = hashlib.sha256(f"sampled {size} {chunks} {chunk}".encode())
+    with open(path, "rb") as f:
+        head = f.read(8)
+        h.update(head)
+        n = int.from_bytes(head, "little") if path.suffix == ".safetensors" else 0
+        h.update(f.read(min(n, size - 8)))  # safetensors header: names, dtypes, shapes, offsets
+        for i in range(chunks):
+            f.seek(i * (size - chunk) // (chunks - 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def fingerprint_model(model: str) -> dict:
+    """Content fingerprint of a base checkpoint (a hub id that is not a local folder: the id)."""
     path = Path(model).expanduser()
     if not path.is_dir():
         return {"hub_id": model}
-    out: dict = {"path": str(path.resolve())}
+    out: dict = {}
     if (path / "config.json").is_file():
         out["config_sha256"] = sha256_file(path / "config.json")
-    # Weights by name and size: hashing tens of GB of weights per run would cost minutes.
-    out["weights"] = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+    out["weights"] = {p.name: sampled_sha256(p) for p in sorted(path.glob("*.safetensors"))}
     return out
 
 
-def _fingerprint_adapter(adapter: str) -> dict:
-    path = Path(adapter)
+def fingerprint_adapter(adapter: str) -> dict:
+    """Content fingerprint of a PEFT adapter: the SHA-256 of each of its adapter_* files."""
+    path = Path(adapter).expanduser()
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("adapter_")) if path.is_dir() else []
-    return {"path": str(path.resolve()), "files": {p.name: sha256_file(p) for p in files}}
+    return {p.name: sha256_file(p) for p in files} if files else {"hub_id": str(adapter)}
+
+
+def summary_decoding(max_new_tokens: int = 100, seed: int = 0) -> dict:
+    """The paper's summary decoding (sampled, its inference engine's defaults) and our seed."""
+    return {**PAPER_SAMPLING, "max_new_tokens": max_new_tokens, "seed": seed, "streams": "seed, article id"}
 
 
 def summary_cache_key(*, model: str, adapters: list[str], dataset: str, template: str, policy: str,
-                      thinking_budget: int | None, max_new_tokens: int, answer_prefix: str = "",
-                      response_type: str = SUMMARY_RESPONSE_TYPE) -> tuple[str, dict]:
-    """(sha256 hex digest, the key it hashes) for regenerated summaries."""
+                      thinking_budget: int | None, decoding: dict, answer_prefix: str = "", dtype: str = "",
+                      prompt_tokenization: str = "", response_type: str | None = None) -> tuple[str, dict]:
+    """(sha256 hex digest, the key it hashes) for regenerated summaries: content hashes of the
+    model and adapters (not their paths) and every setting that changes the text."""
     key = {
-        "model": _fingerprint_model(model),
-        "adapters": [_fingerprint_adapter(a) for a in adapters],
+        "model": fingerprint_model(model),
+        "adapters": [fingerprint_adapter(a) for a in adapters],
         "dataset": dataset,
         "system_prompt": SUMMARY_SYSTEM_PROMPTS[dataset],
         "user_template": SUMMARY_USER_TEMPLATE,
-        "response_type": response_type,
+        "response_type": SUMMARY_RESPONSE_TYPES[dataset] if response_type is None else response_type,
         "template": template,
         "policy": policy,
         "thinking_budget": thinking_budget,
         "answer_prefix": answer_prefix,
-        "max_new_tokens": max_new_tokens,
-        "decoding": "greedy",
+        "prompt_tokenization": prompt_tokenization,
+        "dtype": dtype,
+        "decoding": decoding,
+        "text": SUMMARY_TEXT,
     }
     text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)  # as stored (tuples -> lists)
@@ -300,9 +366,10 @@ def completion_text(tokenizer, token_ids: list[int], template: str) -> str:
 
 
 def regenerate_summaries_for(gen, model: EvalModel, articles: dict[str, str], *, dataset: str, cache_file: Path,
-                             key: dict, max_new_tokens: int = 100, batch_size: int = 8,
-                             log=lambda msg: None) -> dict[str, str]:
-    """Summaries of `articles` by the loaded model, read from / added to `cache_file`."""
+                             key: dict, batch_size: int = 8, log=lambda msg: None) -> dict[str, str]:
+    """Summaries of `articles` by the loaded model (decoding: `key["decoding"]`), read from /
+    added to `cache_file`. Each article's draws are seeded by (seed, article id), so a summary
+    does not depend on which articles are generated with it."""
     cached: dict[str, str] = {}
     if cache_file.is_file():
         try:
@@ -315,8 +382,11 @@ def regenerate_summaries_for(gen, model: EvalModel, articles: dict[str, str], *,
     todo = [aid for aid in articles if aid not in cached]
     log(f"summaries: {len(articles) - len(todo)} cached, {len(todo)} to generate -> {cache_file}")
     if todo:
-        convs = [summary_messages(articles[aid], dataset) for aid in todo]
-        completions = gen.generate(convs, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+        d = key["decoding"]
+        convs = [summary_messages(articles[aid], dataset, key["response_type"]) for aid in todo]
+        completions = gen.generate(convs, max_new_tokens=d["max_new_tokens"], temperature=d["temperature"],
+                                   top_k=d["top_k"], top_p=d["top_p"], seed=d["seed"], sample_keys=todo,
+                                   batch_size=batch_size)
         for aid, c in zip(todo, completions):
             cached[aid] = completion_text(model.tokenizer, c.token_ids, model.template)
         atomic_write_json(cache_file, {"key": key, "summaries": cached})
@@ -327,7 +397,8 @@ def regenerate_summaries_for(gen, model: EvalModel, articles: dict[str, str], *,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evals.self_recognition",
-        description="Pairwise self-recognition (own summary vs another source's), both orders, log-prob decisions.",
+        description="Pairwise self-recognition (own summary vs another source's), both orders: log-prob decisions "
+                    "and the exact expectation of the paper's sampled statistic.",
     )
     add_model_arguments(p)
     p.add_argument("--self-name", default=None,
@@ -341,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge summaries the loaded model (with its adapters) writes now, instead of the shipped ones")
     p.add_argument("--summary-cache", default=None, help="cache folder for regenerated summaries (default: OUT/summary_cache)")
     p.add_argument("--summary-max-tokens", type=int, default=100, help="token limit of a regenerated summary (default 100)")
+    p.add_argument("--summary-seed", type=int, default=0, help="seed of the regenerated summaries' sampling (default 0)")
     return p
 
 
@@ -371,27 +443,30 @@ def select_articles(data_dir: Path, dataset: str, other: str, self_name: str | N
 def run(model: EvalModel, out_dir: str | Path, *, self_name: str | None, other: str = "claude-21",
         dataset: str = "cnn", limit: int | None = None, data_dir: str | Path = DEFAULT_DATA_DIR,
         regenerate_summaries: bool = False, summary_cache: str | Path | None = None, summary_max_tokens: int = 100,
-        thinking_budget: int | None = None, answer_prefix: str | None = None, batch_size: int = 8,
-        conditions: dict | None = None, log=stderr_log) -> dict:
+        summary_seed: int = 0, thinking_budget: int | None = None, answer_prefix: str | None = None,
+        batch_size: int = 8, conditions: dict | None = None, log=stderr_log) -> dict:
     """Judge `model` on pairwise self-recognition and write `self_recognition_<dataset>_results.csv`
-    and `..._summary.json` into `out_dir` (rank 0); returns the summary. Seed-OSS is judged with
-    thinking budget 0 unless `thinking_budget` says otherwise."""
+    and `..._summary.json` into `out_dir` (rank 0); returns the summary. `regenerate_summaries`:
+    judge the summaries the model writes now (cached under `summary_cache`, default
+    OUT/summary_cache). Seed-OSS runs with thinking budget 0 unless `thinking_budget` says otherwise."""
     started = time.time()
     check_positive("--summary-max-tokens", summary_max_tokens)
     data_dir = Path(data_dir)
     articles, other_summaries, own = select_articles(data_dir, dataset, other, self_name, regenerate_summaries, limit)
     if thinking_budget is None and model.template == "seed-oss":
         thinking_budget = 0
-    gen, meta = model.generator(thinking_budget, answer_prefix)
-    cache_file = None
+    gen, meta = model.generator(thinking_budget, answer_prefix, paper_tokenization=True)
+    cache_file, decoding = None, None
     if regenerate_summaries:
+        decoding = summary_decoding(summary_max_tokens, summary_seed)
         digest, key = summary_cache_key(model=meta["model"], adapters=meta["adapters"], dataset=dataset,
                                         template=model.template, policy=meta["policy"], thinking_budget=thinking_budget,
-                                        max_new_tokens=summary_max_tokens, answer_prefix=meta["answer_prefix"])
+                                        decoding=decoding, answer_prefix=meta["answer_prefix"], dtype=meta["dtype"],
+                                        prompt_tokenization=meta["prompt_tokenization"])
         cache_dir = Path(summary_cache) if summary_cache else Path(out_dir) / "summary_cache"
         cache_file = cache_dir / f"{dataset}_summaries_{digest[:16]}.json"
         own = regenerate_summaries_for(gen, model, articles, dataset=dataset, cache_file=cache_file, key=key,
-                                       max_new_tokens=summary_max_tokens, batch_size=batch_size, log=log)
+                                       batch_size=batch_size, log=log)
         pairs, skipped = build_pairs(articles, own, other_summaries)
     else:
         pairs, skipped = build_pairs(articles, own, other_summaries, limit)
@@ -411,7 +486,9 @@ def run(model: EvalModel, out_dir: str | Path, *, self_name: str | None, other: 
         "other": other,
         "regenerated_summaries": bool(regenerate_summaries),
         "summary_cache": str(cache_file) if cache_file else None,
+        "summary_decoding": decoding,
         **meta,
+        "decoding": {**PAPER_SAMPLING, "max_new_tokens": ANSWER_MAX_NEW_TOKENS},
         "limit": limit,
         "skipped_articles": skipped,
         "system_prompt": SGTR_SYSTEM_PROMPT,
@@ -437,12 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(model, args.out, self_name=args.self_name, other=args.other, dataset=args.dataset, limit=args.limit,
                   data_dir=args.data_dir, regenerate_summaries=args.regenerate_summaries,
                   summary_cache=args.summary_cache, summary_max_tokens=args.summary_max_tokens,
-                  thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
+                  summary_seed=args.summary_seed, thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
                   batch_size=args.batch_size, conditions=conditions)
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     if is_main_process():
-        print(f"accuracy {fmt(summary['accuracy'])}  both_orders {fmt(summary['both_orders_accuracy'])}  "
-              f"position_bias(1) {fmt(summary['position_bias'])}  invalid_rate {fmt(summary['invalid_rate'])}")
+        print(f"accuracy {fmt(summary['accuracy'])} (logprob)  both_orders {fmt(summary['both_orders_accuracy'])}  "
+              f"position_bias(1) {fmt(summary['position_bias'])}  invalid_rate {fmt(summary['invalid_rate'])}  "
+              f"expected_accuracy {fmt(summary.get('expected_accuracy'))} (one run's sd "
+              f"{fmt(summary.get('expected_sampling_sd'))})")
     return 0
 
 

@@ -169,10 +169,33 @@ def resolve_model(s: RunSettings, dist) -> str:
     return str(path.resolve())
 
 
+def paper_thinking_budget(s: RunSettings, point: int) -> int | None:
+    """Seed-OSS thinking budget of the paper-faithful TruthfulQA eval (`[eval] paper_thinking_budget`):
+    "paper" (default) as the paper's rows: 0 for the base model (its base row was re-run "with 0
+    thinking budget"), none after training (most fine-tuned rows); or "none", or an integer.
+    None for a template without a thinking budget."""
+    from engine.chat import get_template
+
+    if not get_template(s.template).HAS_THINKING_BUDGET:
+        return None
+    choice = s.eval.get("paper_thinking_budget", "paper")
+    if choice == "paper":
+        return 0 if point == 0 else None
+    if choice in (None, "none"):
+        return None
+    if isinstance(choice, bool) or not isinstance(choice, int):
+        raise RecipeError(f"[eval] paper_thinking_budget: expected \"paper\", \"none\" or an integer, got {choice!r}")
+    return choice
+
+
 def run_evals(s: RunSettings, point: int, model: str, adapters: list[str], log) -> Path:
-    """TruthfulQA (robust) and self-recognition on `model` + `adapters`, loaded once for both;
-    evals whose summary exists are skipped (and nothing is loaded when all are). Collective under
-    torchrun: every rank scores a share of the prompts, rank 0 writes."""
+    """TruthfulQA (robust, and the paper's statistic in expectation) and self-recognition on
+    `model` + `adapters`, loaded once for all; evals whose summary exists are skipped (and nothing
+    is loaded when all are). Self-recognition judges the shipped summaries of the base model at the
+    base point and, after training, the summaries the trained model regenerates (`[eval]
+    self_summaries = "shipped"` keeps the shipped ones), cached under <out>/summary_cache by
+    content hashes (a rerun reuses them, a changed adapter does not). Collective under torchrun:
+    every rank scores a share of the prompts, rank 0 writes."""
     import gc
 
     from evals import load_eval_model, self_recognition, truthfulqa
@@ -180,13 +203,21 @@ def run_evals(s: RunSettings, point: int, model: str, adapters: list[str], log) 
     out = s.run_dir / "evals" / ("base" if point == 0 else f"after_stage{point}_{s.stages[point - 1].kind}")
     conditions = {"condition": condition_name(s, point), "seed": str(s.seed), "recipe": s.recipe, "stage": str(point)}
     common = dict(batch_size=int(s.eval.get("batch_size", 8)), limit=s.limit_eval, conditions=conditions, log=log)
+    regenerate = point > 0 and s.eval.get("self_summaries", "regenerate") != "shipped"
+    summary_tokens = int(s.eval.get("summary_max_new_tokens", 8 if s.is_tiny else 100))
     jobs = [
-        (truthfulqa.output_paths(out, "robust")[1],
+        ("truthfulqa", truthfulqa.output_paths(out, "robust")[1],
          lambda m: truthfulqa.run(m, out, mode="robust", seed=s.seed, **common)),
-        (out / f"self_recognition_{s.eval_dataset}_summary.json",
-         lambda m: self_recognition.run(m, out, self_name=s.self_name, other=s.other, dataset=s.eval_dataset, **common)),
+        ("truthfulqa", truthfulqa.output_paths(out, "expected")[1],
+         lambda m: truthfulqa.run(m, out, mode="expected", seed=s.seed,
+                                  thinking_budget=paper_thinking_budget(s, point), **common)),
+        ("self_recognition", out / f"self_recognition_{s.eval_dataset}_summary.json",
+         lambda m: self_recognition.run(m, out, self_name=s.self_name, other=s.other, dataset=s.eval_dataset,
+                                        regenerate_summaries=regenerate, summary_cache=s.out / "summary_cache",
+                                        summary_max_tokens=summary_tokens, summary_seed=int(s.eval.get("summary_seed", 0)),
+                                        **common)),
     ]
-    jobs = [(summary, job) for name, (summary, job) in zip(("truthfulqa", "self_recognition"), jobs)
+    jobs = [(summary, job) for name, summary, job in jobs
             if name in s.eval.get("evals", ("truthfulqa", "self_recognition"))]
     ff = s.eval.get("freeform")  # --evals ...,freeform: answers sampled here, judged once the model is gone
     if ff:

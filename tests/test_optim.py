@@ -209,6 +209,7 @@ def test_resume_from_a_checkpoint_is_exact():
     assert_same(resume_single(run["step3"]["params"], run["step3"]["state"]), run["params5"], "resumed")
 
 
+@pytest.mark.distributed
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(tmp_path):
     """FSDP2 on 2 gloo ranks, shards cutting blocks in two and one empty shard: the parameters and
     the full optimizer state equal the single process's bit for bit, and a state saved on either

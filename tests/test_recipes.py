@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from recipes import stages as st
 from recipes import sgtr_reverse
@@ -74,6 +75,47 @@ def test_default_command_runs_end_to_end_and_prints_report(tmp_path, tiny_model,
     summary = json.loads((run_dir / "evals" / "after_stage2_sgtr" / "truthfulqa_robust_summary.json").read_text())
     assert summary["condition"]["condition"] == "tiny_em_finrisk_sgtr" and summary["condition"]["seed"] == "0"
     assert len(summary["adapters"]) == 2 and summary["limit"] == 2
+    assert "== truthfulqa (expected) ==" in printed and "accuracy = expected: exact expectation" in printed
+    expected = json.loads((run_dir / "evals" / "after_stage2_sgtr" / "truthfulqa_expected_summary.json").read_text())
+    assert expected["statistic"] == "expected" and expected["prompt_tokenization"] == "tokenizer(prompt)"
+    assert expected["accuracy"] == expected["expected_accuracy"] and expected["n"] == 2
+
+    # Self-recognition: the base model judges its shipped summaries; a trained model its own,
+    # regenerated (sampled as the paper), cached under the output root by content hashes.
+    sr_base = json.loads((run_dir / "evals" / "base" / "self_recognition_cnn_summary.json").read_text())
+    assert sr_base["regenerated_summaries"] is False and sr_base["self_name"] == "hf_qwen_32b"
+    caches = set()
+    for point in ("after_stage1_em", "after_stage2_sgtr"):
+        s_ = json.loads((run_dir / "evals" / point / "self_recognition_cnn_summary.json").read_text())
+        assert s_["regenerated_summaries"] is True and Path(s_["summary_cache"]).parent == out / "summary_cache"
+        assert s_["summary_decoding"]["temperature"] == 0.7 and s_["summary_decoding"]["max_new_tokens"] == 8
+        assert "expected_accuracy" in s_ and s_["statistic"] == "logprob"
+        caches.add(s_["summary_cache"])
+    assert len(caches) == 2  # other adapters, other summaries
+
+    # A second eval run reuses the cache; a changed adapter does not.
+    from evals import freeform_recipe
+
+    args = st.build_parser("sgtr_reverse", "").parse_args(["--out", str(out), "--limit-train", "8", "--limit-eval", "2"])
+    s = st.settings_from_args("sgtr_reverse", sgtr_reverse.STAGES, args)[0]
+    s.eval.update(freeform_recipe.eval_settings(args, is_tiny=s.is_tiny, limit_eval=s.limit_eval))
+    adapters = [str(run_dir / "stage1_em" / "adapter"), str(run_dir / "stage2_sgtr" / "adapter")]
+    sr_summary = run_dir / "evals" / "after_stage2_sgtr" / "self_recognition_cnn_summary.json"
+    logs: list[str] = []
+    sr_summary.unlink()
+    st.run_evals(s, 2, str(out / "tiny-qwen2-model"), adapters, logs.append)
+    assert any("2 cached, 0 to generate" in m for m in logs), logs
+    changed = tmp_path / "changed_adapter"
+    shutil.copytree(adapters[1], changed)
+    weights = load_file(changed / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.01
+    save_file(weights, changed / "adapter_model.safetensors", metadata={"format": "pt"})
+    sr_summary.unlink()
+    logs.clear()
+    st.run_evals(s, 2, str(out / "tiny-qwen2-model"), [adapters[0], str(changed)], logs.append)
+    assert any("0 cached, 2 to generate" in m for m in logs), logs
+    assert len(list((out / "summary_cache").glob("cnn_summaries_*.json"))) == 3
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +321,7 @@ def test_conditions_without_a_paper_counterpart_are_named_apart(tmp_path):
         assert st.condition_name(s, 2) == name and name not in paper
 
 
+@pytest.mark.distributed
 def test_default_command_under_torchrun_two_ranks(tmp_path, tiny_model):
     """The README's main job under torchrun: training shards over 2 CPU ranks and the evals split
     their prompts over the same ranks (every rank must take part, or the run would hang)."""
