@@ -210,6 +210,7 @@ LAYERS = ("model.layers.0", "model.layers.1")
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.distributed
 def test_lm_head_is_not_all_gathered_in_backward(ckpts, ranks, tied):
     """Per rank and training step (2 layers, recomputed): every group is all-gathered once in
     forward; in backward the layers again and the root (the final norm: 2 × 16 elements), but
