@@ -51,6 +51,7 @@ from engine.errors import ConfigError, EngineError, report
 from engine.models import CausalLM, ModelArgs
 from engine.models.presets import PRESETS
 from engine.train import accumulate_gradients
+from kernels import backend
 
 DEFAULT_LENGTHS = Path(__file__).resolve().parents[1] / "data" / "workload_lengths.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -284,7 +285,7 @@ def run_ours(opts, workloads: dict[str, list[list[Sample]]], device: torch.devic
     args = ModelArgs.from_hf_config(model_config(opts.preset, opts.layers, opts.tiny))
     available = opts.memory_gib or memory.device_gib(device)
     common = dict(dtype=opts.dtype, lora_r=paper_lora(opts.tiny).r, micro_batch_tokens=opts.micro_batch_tokens,
-                  world_size=dist.world_size if sharded else 1)
+                  world_size=dist.world_size if sharded else 1, kernels=backend.path_for(device))
     rows = []
     for engine in [e for e in opts.engines if e.startswith("ours")]:
         if engine == "ours-ac":

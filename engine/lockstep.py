@@ -2,9 +2,9 @@
 
 A model too large for one device is evaluated as it is trained: FSDP2 (``engine.parallel.
 apply_fsdp``) keeps 1/N of every weight on each of the N ranks, and a forward pass all-gathers
-one parameter group at a time (the root's final norm and LM head, the embedding, then each
-decoder layer, the next one prefetched while the current one computes) and frees it after use.
-So each forward pass is a fixed sequence of collectives, and every rank must run the same number
+one parameter group at a time (the root's final norm, the embedding, each decoder layer, the
+next one prefetched while the current one computes, then the LM head in its own group) and
+frees it after use. Every pass, real or idle, goes through the LM head. So each forward pass is a fixed sequence of collectives, and every rank must run the same number
 of passes, or the ranks pair one pass's all-gathers with another's and hang.
 
 Evaluation gives the ranks unequal work. The prompts are split over the ranks in whole batches
@@ -66,7 +66,7 @@ class Lockstep:
         while self._anyone_busy(False):
             device = self.model.model.embed_tokens.weight.device
             with torch.inference_mode():
-                self.model(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
+                self.model(torch.zeros((1, 1), dtype=torch.long, device=device))  # through the LM head, as every real pass
             self.idle_passes += 1
 
     @staticmethod

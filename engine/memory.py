@@ -3,21 +3,66 @@
 
     python -m engine.memory --preset qwen2.5-32b --gpus 8 --gpu-gib 80 [--data-parallel replicate]
 
-Counts: base weights (sharded over the ranks), the all-gathered layers FSDP keeps in flight,
-adapters and their AdamW state (fp32, sharded), activations per token, a backward working set,
-and the loss (the fused cross-entropy holds one (rows × vocab) chunk of logits plus d_hidden).
+The trainer refuses a run whose estimate exceeds 92% of the device (``check_fits``) and plans how
+many layers to recompute from it (``fewest_checkpointed_layers``). The total is
 
-The activation term is what autograd saves, counted exactly from the model's code on the Triton
-path (``tests/test_saved_tensors.py`` checks it against the tensors a real step saves): per token and
-decoder layer run without recomputation (``engine/models/saved_tensors.py``)
+    static   weights (÷ ranks when sharded), the FSDP all-gathers in flight, adapters and their
+             gradients and AdamW state (fp32, ÷ ranks when sharded)
+  + saved    what autograd holds for backward at the end of the forward
+  + peak     the larger of the two moments at which a step peaks on top of ``saved``: the loss at
+             the end of the forward, or the backward of one decoder layer.
 
-    2h (the two norms' inputs) + 2q + 2kv (attention's q, k, v and output) + 2i (gate, up)
-    + r per adapted projection (x·Aᵀ), in the compute dtype, plus fp32 log-sum-exp per head and
-    two fp32 rstd values,
+Per token, in bytes (b the compute dtype's size; h hidden, q = heads·head_dim, kv =
+kv_heads·head_dim, i intermediate, r the LoRA rank, n_a the adapted projections, d head_dim, V the
+vocabulary; T tokens per micro-batch, all assumed trained, the upper bound):
 
-and h per token for a layer that is recomputed (its input). The backward working set (one
-layer's worth) and the allocator's overhead are not measured yet: the total is an estimate until
-checked against a measured peak on a GPU. ``check_fits`` refuses a step that would not fit.
+* **saved, per layer run without recomputation** (``layer_activation_bytes``; exact on the Triton
+  path, ``tests/test_saved_tensors.py`` and ``tests/test_memory_peak.py`` check it)::
+
+      S = b·(2h + 2q + 2kv + 2i + n_a·r) + 4·(heads + 2)
+
+  the two norms' inputs, q, k, v and attention's output, the MLP's gate and up outputs, each
+  adapter's x·Aᵀ; fp32 log-sum-exp per head and two rstd values; with residual dropout
+  (Seed-OSS) + 2h, its two bool masks. Plus, per layer and regardless
+  of T, the adapters cast to the compute dtype (fp32 masters cast to bf16; none in fp32, none
+  under FSDP, which all-gathers them in the compute dtype and frees them with the layer). A
+  recomputed layer keeps only its input (b·h). The rotary tables (cos, sin: 2·d·b) are shared by
+  all layers. ``engine/models/saved_tensors.py`` explains why the norms' and SwiGLU's outputs are
+  not in S: they are rebuilt in backward.
+
+* **backward of one layer** (the working set on top of what is saved): the gradient arriving
+  from the layer above (b·h) plus the SwiGLU backward's three (T × i) tensors — d(silu(gate)·up),
+  d gate and d up (the kernel recomputes silu) — which is the layer's largest moment: before it,
+  down_proj's backward holds two (T × i) input gradients (base and adapter) and the rebuilt
+  silu(gate)·up one at a time; after it, gate/up's backward holds d gate, d up and (T × h)
+  gradients; attention's holds d out, dq, dk, dv (2q + 2kv < 3i). So ``W = b·(h + 3·max(i, q))``
+  (q would matter only past i: o_proj's backward is down_proj's with q for i). The RMSNorm
+  kernel's backward works in fp32 registers and writes one (T × h) gradient; the adapters'
+  gradients are (r × in) and (out × r): small. When every layer is recomputed, the layer being
+  back-propagated first re-runs its forward: its S is held again (less its input, already
+  counted). When only the first k < L layers are, the non-recomputed ones are back-propagated
+  while everything is held: recomputing the last layer would lower the forward's end only.
+
+* **the loss at the end of the forward**: the final norm's saved input and its output, the loss's
+  input (2·b·h + 4), and the fused cross-entropy's d_hidden (b·h), kept from its forward to its
+  backward, its row losses (4), and one (rows × V) logits chunk of at most 96 MiB
+  (``kernels.cross_entropy.chunk_rows_for``). It exceeds the backward only for short
+  micro-batches (a 152k vocabulary chunk is two full-width SwiGLU rows per token at most).
+
+The same terms on the torch reference path (``kernels="reference"``: the CPU, or
+``ENGINE_KERNELS=reference``): attention (one SDPA call per packed sample) keeps each sample's
+output and o_proj's adapter a copy of their concatenation (S + b·q); the SwiGLU backward's torch
+expression holds a fourth (T × i) tensor, silu(gate) (W + b·i); the loss materialises the fp32
+(T × V) logits, kept for backward, and its backward four more of them (5·4·V instead of the chunk);
+the residual dropouts' masks (Seed-OSS: 2·h per layer in S, one byte each on the GPU) are the
+CPU's scaled noise, in the compute dtype (2·b·h).
+
+What a CPU measurement cannot tell (``tests/test_memory_peak.py`` measures every term above, on
+both paths, against the peak of live tensor bytes of a real step): CUDA's caching allocator
+(rounding, fragmentation: part of the 8% that ``USABLE`` leaves), cuBLAS workspaces, the CUDA
+context, NCCL's buffers and FSDP2's all-gather/reduce-scatter staging (counted here as two
+layers, or a layer and the LM head, in flight, plus one layer's adapter gradients and their
+reduce-scatter input), and torch.compile's buffers.
 """
 
 from __future__ import annotations
@@ -30,10 +75,11 @@ import torch
 from engine.config import DTYPE_NAMES, PROJECTIONS
 from engine.errors import WontFit
 from engine.models import ModelArgs
-from kernels.cross_entropy import CHUNK_BYTES
+from kernels.cross_entropy import chunk_rows_for
 
 GIB = 1024**3
 USABLE = 0.92  # of the device's memory: the CUDA context and the allocator's fragmentation take the rest
+KERNELS = ("triton", "reference")
 
 
 def _bytes(dtype: str) -> int:
@@ -47,49 +93,107 @@ def _shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
+def _check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
 def layer_activation_bytes(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32,
-                           lora_targets=PROJECTIONS) -> tuple[float, float]:
+                           lora_targets=PROJECTIONS, kernels: str = "triton") -> tuple[float, float]:
     """(bytes per token, bytes per layer regardless of tokens) that one decoder layer run without
-    recomputation saves for backward; the per-layer part is the adapters cast to the compute dtype."""
+    recomputation saves for backward; the per-layer part is the fp32 adapters cast to the compute
+    dtype (none when that is fp32). See the module docstring."""
+    _check_kernels(kernels)
     b = _bytes(dtype)
     shapes = _shapes(args)
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
     targets = [t for t in lora_targets if t in shapes]
     per_token = b * (2 * h + 2 * q + 2 * kv + 2 * inter + lora_r * len(targets)) + 4 * (args.num_attention_heads + 2)
-    casts = b * sum(lora_r * sum(shapes[t]) for t in targets)
+    if args.residual_dropout > 0:
+        # The two residual dropouts' masks (Seed-OSS): CUDA's fused dropout keeps a bool mask, one
+        # byte per element; the CPU's keeps its scaled noise in the compute dtype.
+        per_token += 2 * h * (1 if kernels == "triton" else b)
+    if kernels == "reference":
+        per_token += b * q  # SDPA's per-sample outputs, besides o_proj's copy of their concatenation
+    casts = 0 if dtype == "float32" else b * sum(lora_r * sum(shapes[t]) for t in targets)
     return per_token, casts
+
+
+def backward_working_bytes(args: ModelArgs, *, dtype: str = "bfloat16", tokens: int,
+                           kernels: str = "triton") -> float:
+    """Bytes one decoder layer's backward holds on top of the saved activations, at its largest
+    moment (the SwiGLU backward): the incoming gradient and three (tokens × intermediate) tensors,
+    four on the torch path. See the module docstring."""
+    _check_kernels(kernels)
+    q = args.num_attention_heads * args.head_dim
+    wide = max(args.intermediate_size, q)
+    incoming = 2 if args.residual_dropout > 0 else 1  # and its dropped-out copy
+    return tokens * _bytes(dtype) * (incoming * args.hidden_size + (3 if kernels == "triton" else 4) * wide)
+
+
+def loss_bytes(args: ModelArgs, *, dtype: str = "bfloat16", tokens: int, kernels: str = "triton") -> float:
+    """Bytes held on top of the decoder layers' saved activations while the loss is computed: the
+    final norm's saved input and output, and the loss's own (fused: d_hidden, row losses, one
+    logits chunk; torch: the fp32 logits and four more of their size in backward)."""
+    _check_kernels(kernels)
+    b, h, v = _bytes(dtype), args.hidden_size, args.vocab_size
+    final_norm = tokens * (2 * b * h + 4)
+    if kernels == "reference":
+        return final_norm + 5 * 4 * tokens * v
+    rows = chunk_rows_for(tokens, v, getattr(torch, dtype)) if tokens else 0
+    return final_norm + tokens * (b * h + 4) + rows * v * b
 
 
 def estimate(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32, lora_targets=PROJECTIONS,
              micro_batch_tokens: int = 4096, activation_checkpointing: bool = False,
-             checkpointed_layers: int | None = None, n_stacked: int = 0, world_size: int = 1) -> dict[str, float]:
-    """GiB per GPU by component, plus "total". With ``activation_checkpointing``,
-    ``checkpointed_layers`` layers are recomputed (None: all of them)."""
-    bytes_w = _bytes(dtype)
+             checkpointed_layers: int | None = None, n_stacked: int = 0, world_size: int = 1,
+             kernels: str = "triton") -> dict[str, float]:
+    """GiB per GPU by component, plus "total" (their sum). With ``activation_checkpointing``,
+    ``checkpointed_layers`` layers are recomputed (None: all of them). ``world_size`` > 1 means
+    FSDP-sharded ranks (replicated ranks estimate as one). ``kernels``: the path the step runs,
+    "triton" (GPUs) or "reference" (torch ops: the CPU). See the module docstring."""
+    b = _bytes(dtype)
     h, L, V = args.hidden_size, args.num_hidden_layers, args.vocab_size
     shapes = _shapes(args)
     q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
     per_layer = sum(i * o for i, o in shapes.values()) + 2 * h + q + 2 * kv
     n_params = L * per_layer + V * h * (1 if args.tie_word_embeddings else 2) + h
-    lora_params = L * sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes)
+    layer_lora = sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes)
+    lora_params = L * layer_lora
     k = (L if checkpointed_layers is None else max(0, min(L, checkpointed_layers))) if activation_checkpointing else 0
     tokens = micro_batch_tokens
-    layer_token, layer_casts = layer_activation_bytes(args, dtype=dtype, lora_r=lora_r, lora_targets=lora_targets)
-    # Layers whose full activations are held at once. The recomputed layers are the first k, so
-    # backward reaches them only after the others' activations were freed: at the end of the
-    # forward L - k layers are held, while recomputing one layer just that one.
-    live = max(L - k, 1 if k else 0)
-    saved = tokens * (live * layer_token + k * bytes_w * h) + live * layer_casts
+    sharded = world_size > 1
+
+    layer_token, casts = layer_activation_bytes(args, dtype=dtype, lora_r=lora_r, lora_targets=lora_targets,
+                                                kernels=kernels)
+    full_layer = tokens * layer_token + (0 if sharded else casts)  # FSDP gathers the adapters in `dtype`
+    rotary = tokens * 2 * args.head_dim * b
+    saved = (L - k) * full_layer + k * tokens * h * b + rotary
+    # The peak on top of `saved`: the backward of one layer (the first to be back-propagated: a
+    # recomputed one holds its activations again, less its input) or the loss, whichever is larger.
+    recomputed = full_layer - tokens * h * b if k == L else 0
+    backward = recomputed + backward_working_bytes(args, dtype=dtype, tokens=tokens, kernels=kernels)
+    loss = loss_bytes(args, dtype=dtype, tokens=tokens, kernels=kernels)
+    if backward >= loss:
+        peak_what = "one layer's backward (" + ("recomputed + gradients)" if recomputed else "gradients)")
+    else:
+        peak_what = "the loss at the end of the forward"
+
     what = "all layers recomputed" if k == L else f"{k} of {L} layers recomputed" if k else "no recomputation"
+    # FSDP: a layer's weights and the next one's (prefetched) in flight, or at the loss the last
+    # layer's and the LM head's (a tied head is unsharded all through the forward); one layer's
+    # adapters gathered in `dtype`, their unsharded fp32 gradients and the reduce-scatter input.
+    head = V * h
+    gathered = (2 * per_layer + head) if args.tie_word_embeddings else per_layer + max(per_layer, head)
+    fsdp = gathered * b + layer_lora * (b + 8) if sharded else 0.0
     est = {
-        "weights (÷ ranks when sharded)": n_params * bytes_w / world_size / GIB,
-        "unsharded layers (FSDP all-gather, 2 in flight)": 2 * per_layer * bytes_w / GIB if world_size > 1 else 0.0,
+        "weights (÷ ranks when sharded)": n_params * b / world_size / GIB,
+        "FSDP all-gathers in flight (2 layers, or a layer and the LM head)": fsdp / GIB,
         "adapters fp32 (new + stacked, ÷ ranks when sharded)": lora_params * 4 * (1 + n_stacked) / world_size / GIB,
         "adapter grads + AdamW state fp32 (÷ ranks when sharded)": lora_params * 12 / world_size / GIB,
         f"saved activations ({tokens} tokens/micro-batch, {what})": saved / GIB,
-        "backward working set (one layer's activations)": (tokens * layer_token + layer_casts) / GIB,
-        "loss (fused CE: one logits chunk + d_hidden)": (CHUNK_BYTES + 2 * tokens * h * bytes_w) / GIB,
+        f"peak on top of them: {peak_what}": max(backward, loss) / GIB,
     }
     est["total"] = sum(est.values())
     return est

@@ -237,13 +237,24 @@ def apply_fsdp(
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 (``fully_shard``) on a 1-D data-parallel mesh; returns it.
 
-    Groups: each decoder layer; the input embedding on its own when it is not tied to the LM
-    head (freed right after it is used); then the root, holding the final norm and LM head (and
-    the tied embedding). All groups, the root included, are resharded after forward when
+    Groups, each all-gathered for its forward and resharded after it when
     ``reshard_after_forward`` (FSDP2's default would keep the root unsharded after forward; then
-    after a ``no_grad`` forward, which has no backward to reshard it, ``named_parameters()``
-    would yield plain full tensors for the root's parameters until the next forward). Parameters
-    keep their names and become DTensors sharded on dim 0.
+    after a ``no_grad`` forward, which has no backward to reshard it, ``named_parameters()`` would
+    yield plain full tensors for the root's parameters until the next forward):
+
+    * each decoder layer, all-gathered again in backward (its adapters' gradients need the frozen
+      weights); each layer's forward prefetches the next one's, the last layer's the LM head's;
+    * the input embedding and the LM head, each alone, or together in one group when tied (one
+      matrix, then unsharded from the embedding's call to the head's). Neither is all-gathered
+      in backward: the embedding's backward never runs (frozen weight, integer input), and the
+      head's backward does not read its weight when the loss is the fused linear cross-entropy,
+      which computes its gradient in the forward (``kernels/cross_entropy.py``; decided call by
+      call, see :func:`_head_needs_weight_in_backward`: logits, the torch reference loss or a
+      trainable head do get the all-gather);
+    * the root: the final norm alone, all-gathered in backward (h elements), as its backward
+      reads its weight.
+
+    Parameters keep their names and become DTensors sharded on dim 0.
 
     ``MixedPrecisionPolicy(param_dtype, reduce_dtype)``: parameters are all-gathered and used in
     ``param_dtype`` (None: their own dtype, which may differ between frozen bf16 base weights
@@ -263,26 +274,61 @@ def apply_fsdp(
     if mesh.ndim != 1:
         raise ValueError(f"apply_fsdp expects a 1-D device mesh, got {mesh.ndim}-D")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    inner = getattr(model, "model", None)
-    embed = getattr(inner, "embed_tokens", None)
-    head = getattr(model, "lm_head", None)
-    if embed is not None and not (head is not None and head.weight is embed.weight):
-        fully_shard(embed, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
+    def shard(module: nn.Module | list[nn.Module]) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+    layers = _decoder_layers(model)
+    for layer in layers:
+        shard(layer)
+    embed, head = model.model.embed_tokens, model.lm_head
+    tied = head.weight is embed.weight
+    if tied:
+        shard([embed, head])  # one group: FSDP2 refuses a parameter shared by two
+    else:
+        shard(embed)
+        shard(head)
+    shard(model)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             _set_sum_reduction(module)
+
+    if not tied and not embed.weight.requires_grad:
+        embed.set_unshard_in_backward(False)
+    head.register_forward_pre_hook(_decide_head_unshard_in_backward, with_kwargs=True)
     # Each layer's all-gather starts as soon as the previous layer's has landed, not when the CPU
     # reaches the layer: its transfer overlaps the previous layer's compute even when the CPU
-    # does not run ahead (2 layers in flight, as the memory estimate counts). Backward keeps
+    # does not run ahead (the memory estimate counts what is in flight). The last layer
+    # prefetches the untied head (a tied one is unsharded since the embedding). Backward keeps
     # FSDP2's default of prefetching the next layer.
-    layers = _decoder_layers(model)
-    for layer, following in zip(layers, layers[1:]):
+    for layer, following in zip(layers, layers[1:] + ([] if tied else [head])):
         layer.set_modules_to_forward_prefetch([following])
     return model
+
+
+def _head_needs_weight_in_backward(hidden: torch.Tensor, targets: torch.Tensor | None) -> bool:
+    """Whether the backward of one LM-head call reads the head's weight.
+
+    Logits (no ``targets``): yes, the matmul's input gradient is ``d_logits @ weight``. The loss
+    (``targets``) on the Triton path of ``kernels.cross_entropy.linear_cross_entropy``: no, its
+    forward computes d_hidden (and d_weight, for a trainable head) chunk by chunk and its backward
+    only scales them. On the torch reference path (CPU by default) the loss is autograd through
+    the logits matmul: yes. Decided by the loss's own dispatch predicate
+    (``kernels.cross_entropy.use_triton``), on ``hidden`` alone: the weight lives on the same
+    device. Were it ever wrong, backward would read a freed (zero-size) storage and fail; it
+    could not compute silently with stale values."""
+    from kernels import cross_entropy
+
+    return targets is None or not cross_entropy.use_triton(hidden)
+
+
+def _decide_head_unshard_in_backward(head: nn.Module, args: tuple, kwargs: dict) -> None:
+    # Forward pre-hook of the LM head (an FSDP module, or in the group of a tied embedding):
+    # decides, call by call, whether FSDP2's pre-backward hook all-gathers its group again. A
+    # trainable head always needs it (FSDP reduce-scatters its gradient from the unsharded
+    # parameter).
+    hidden, targets = args[0], (args[1] if len(args) > 1 else kwargs.get("targets"))
+    head.set_unshard_in_backward(head.weight.requires_grad or _head_needs_weight_in_backward(hidden, targets))
 
 
 def _set_sum_reduction(module: Any) -> None:

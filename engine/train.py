@@ -40,6 +40,7 @@ from engine.models import CausalLM
 from engine.packing import PackedBatch, collate_packed, pack
 from engine.rundir import RunDir, RunRecords, fingerprint
 from engine.tokenizer import Tokenizer
+from kernels import backend
 
 # ---------------------------------------------------------------- the plan: which samples, when, where
 
@@ -155,7 +156,8 @@ class Trainer:
             layers = None if cfg.checkpoint_layers in ("all", "auto") else int(cfg.checkpoint_layers)
         common = dict(dtype=cfg.dtype, lora_r=cfg.lora_r, lora_targets=cfg.lora_targets,
                       micro_batch_tokens=cfg.micro_batch_tokens, n_stacked=len(cfg.stack_adapters),
-                      world_size=dist.world_size if cfg.data_parallel == "fsdp" else 1)
+                      world_size=dist.world_size if cfg.data_parallel == "fsdp" else 1,
+                      kernels=backend.path_for(dist.device))
         available = cfg.memory_gib or memory.device_gib(dist.device)
         if cfg.activation_checkpointing and cfg.checkpoint_layers == "auto":
             if available is None:

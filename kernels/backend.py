@@ -39,6 +39,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
+def path_for(device: torch.device) -> str:
+    """"triton" or "reference": the path kernels on ``device`` take, as ``use_triton`` decides
+    for tensors there (the memory estimate counts per path)."""
+    choice = _setting()
+    if choice != "auto":
+        return choice
+    return "triton" if device.type == "cuda" and triton_available() else "reference"
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

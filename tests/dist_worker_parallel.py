@@ -14,6 +14,8 @@ is empty.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import sys
 import traceback
 from pathlib import Path
@@ -137,6 +139,53 @@ def build_sharded(
     return model
 
 
+@contextlib.contextmanager
+def fused_loss():
+    """The training loss on the Triton path of ``kernels.cross_entropy`` (interpreted on CPU), the
+    fused linear cross-entropy GPUs run, whose backward does not read the LM head; every other
+    kernel stays on torch (interpreting them all would cost a minute). Patches the loss's dispatch
+    predicate, which ``engine.parallel`` also reads to decide whether to all-gather the head in
+    backward."""
+    import kernels.cross_entropy as ce
+
+    saved = ce.use_triton
+    ce.use_triton = lambda *tensors: True
+    try:
+        yield
+    finally:
+        ce.use_triton = saved
+
+
+def count_all_gathers(model: nn.Module) -> collections.Counter:
+    """Count FSDP2's all-gathers from now on: ``{(group, "forward" | "backward"): calls}`` and
+    ``{(group, phase, "elements"): elements received}``, the group named by its modules' names
+    ("" is the root), the phase by whether autograd's engine is running. Uses FSDP2's
+    ``set_custom_all_gather`` with its default all-gather wrapped."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    counts: collections.Counter = collections.Counter()
+
+    class Counting(DefaultAllGather):
+        def __init__(self, label: str):
+            super().__init__()
+            self.label = label
+
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            counts[(self.label, phase)] += 1
+            counts[(self.label, phase, "elements")] += output_tensor.numel()
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    groups: dict[int, list] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            groups.setdefault(id(module._get_fsdp_state()), []).append((name, module))
+    for members in groups.values():
+        members[0][1].set_custom_all_gather(Counting("+".join(name for name, _ in members)))
+    return counts
+
+
 # --- the 2-rank scenarios -------------------------------------------------------------------
 
 
@@ -167,6 +216,31 @@ def _train_step_results(model: CausalLM, rank: int, res: dict) -> None:
     res["local_exp_avg_shapes"] = {
         n: tuple(opt.state[p]["exp_avg"].to_local().shape) for n, p in named if p in opt.state
     }
+
+
+def _all_gather_results(ckpt: str, tied_ckpt: str, rank: int) -> dict:
+    """All-gathers per FSDP group in one training step's forward and backward (and in a no_grad
+    forward), with the loss and the adapters' gradients, for the fused loss and the torch one."""
+    out = {}
+    for tied, path in ((False, ckpt), (True, tied_ckpt)):
+        for fused in (True, False):
+            model = build_sharded(path, base_dtype=torch.float32, param_dtype=torch.float32)
+            counts = count_all_gathers(model)
+            model.train()
+            ids, targets = rank_batch(rank)
+            with fused_loss() if fused else contextlib.nullcontext():
+                loss = model(ids, targets=targets) / global_trained_tokens()
+                loss.backward()
+            res = {"train": dict(counts), "loss": loss.item(),
+                   "grads": par.full_state_dict((n, p.grad) for n, p in lora_params(model))}
+            counts.clear()
+            model.eval()
+            with torch.no_grad():
+                model(eval_ids())
+            res["no_grad"] = dict(counts)
+            res["param_types_after_no_grad"] = sorted({type(p).__name__ for p in model.parameters()})
+            out[("tied" if tied else "untied", "fused" if fused else "torch")] = res
+    return out
 
 
 def run_worker(ckpt: str, tied_ckpt: str, out_dir: str) -> None:
@@ -247,6 +321,8 @@ def run_worker(ckpt: str, tied_ckpt: str, out_dir: str) -> None:
         res["tied_into_untied_error"] = None
     except Exception as err:  # noqa: BLE001
         res["tied_into_untied_error"] = f"{type(err).__name__}: {err}"
+
+    res["all_gathers"] = _all_gather_results(ckpt, tied_ckpt, d.rank)
 
     res["all_reduce"] = par.all_reduce_sum(torch.tensor([float(d.rank + 1), 10.0])).tolist()
     par.barrier()

@@ -75,7 +75,7 @@ def test_memory_cli_replicated(capsys):
     single = capsys.readouterr().out
     assert "8 GPU(s), replicated" in replicated
     totals = [[line for line in out.splitlines() if line.strip().startswith("total")] for out in (replicated, single)]
-    assert totals[0] == totals[1] and "67.02 GiB" in totals[0][0]
+    assert totals[0] == totals[1] and "66.90 GiB" in totals[0][0]
 
 
 def test_eval_estimate_shards_the_weights():

@@ -8,6 +8,7 @@ intermediate 75) and rank-1 adapters (engine.lora's), so shards are uneven and s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tests.dist_worker_parallel import (
     add_lora,
     build_sharded,
     eval_ids,
+    fused_loss,
     global_trained_tokens,
     is_lora,
     lora_params,
@@ -202,7 +204,50 @@ def test_mixed_dtype_gradients(ckpts, ranks, key):
         assert ((got - ref).norm() / ref.norm()).item() <= ATOL, key
 
 
-# --- 3. copy/gather, clipping, optimizer state -----------------------------------------------
+# --- 3. what is all-gathered when -----------------------------------------------------------
+
+LAYERS = ("model.layers.0", "model.layers.1")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.distributed
+def test_lm_head_is_not_all_gathered_in_backward(ckpts, ranks, tied):
+    """Per rank and training step (2 layers, recomputed): every group is all-gathered once in
+    forward; in backward the layers again and the root (the final norm: 2 × 16 elements), but
+    neither the LM head nor the embedding when the loss is the fused cross-entropy, whose
+    backward reads no weight. Before, the root held the head (and the tied embedding), so the
+    head was all-gathered in backward too, and the layer-0 prefetch all-gathered the embedding.
+    The torch loss (CPU's default) needs the head in backward and still gets it. A no_grad
+    forward gathers each group once and reshards everything. Losses and adapter gradients equal
+    the single-process model's on the same loss path."""
+    head = "model.embed_tokens+lm_head" if tied else "lm_head"
+    groups = (*LAYERS, "", head) if tied else (*LAYERS, "", "model.embed_tokens", head)
+    key = "tied" if tied else "untied"
+    for res in ranks:
+        fused, torch_loss = (res["all_gathers"][(key, path)] for path in ("fused", "torch"))
+        assert {g: fused["train"].get((g, "forward")) for g in groups} == dict.fromkeys(groups, 1)
+        backward = {k[0]: n for k, n in fused["train"].items() if k[1:] == ("backward",)}
+        assert backward == {**dict.fromkeys(LAYERS, 1), "": 1}, res["rank"]
+        assert fused["train"][("", "backward", "elements")] == 32  # the norm's 32 weights, padded to 2 × 16
+        assert torch_loss["train"][(head, "backward")] == 1
+        for path in (fused, torch_loss):
+            assert path["no_grad"] == {k: v for k, v in path["train"].items() if k[1] == "forward"}
+            assert path["param_types_after_no_grad"] == ["DTensor"]
+
+    for path in ("fused", "torch"):
+        model = reference_model(ckpts[1] if tied else ckpts[0]).train()
+        n = global_trained_tokens()
+        with fused_loss() if path == "fused" else contextlib.nullcontext():
+            losses = [model(ids, targets=targets) / n for ids, targets in map(rank_batch, range(2))]
+            sum(losses).backward()
+        for res in ranks:
+            got = res["all_gathers"][(key, path)]
+            assert got["loss"] == pytest.approx(losses[res["rank"]].item(), abs=1e-6)
+            for name, p in lora_params(model):
+                assert _max_diff(got["grads"][name], p.grad) <= ATOL, (path, name)
+
+
+# --- 4. copy/gather, clipping, optimizer state -----------------------------------------------
 
 
 @pytest.mark.distributed
@@ -271,7 +316,7 @@ def test_optimizer_state_roundtrip_and_into_one_rank(ckpts, ranks):
     assert par.get_full_optimizer_state(model, opt)["state"].keys() == state["state"].keys()
 
 
-# --- 4. single process (no process group) ----------------------------------------------------
+# --- 5. single process (no process group) ----------------------------------------------------
 
 
 def test_single_process_path(ckpts, monkeypatch):
@@ -356,7 +401,7 @@ def test_loading_errors_single_process(ckpts, monkeypatch):
         par.init_distributed()
 
 
-# --- 5. activation checkpointing -------------------------------------------------------------
+# --- 6. activation checkpointing -------------------------------------------------------------
 
 
 def test_activation_checkpointing_same_loss_and_grads(ckpts):

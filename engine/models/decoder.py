@@ -213,6 +213,20 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+class LMHead(nn.Linear):
+    """The output projection (``lm_head.weight``, (v, h), no bias). ``forward(hidden)`` gives the
+    logits; ``forward(hidden, targets)`` the training loss: the fused linear cross-entropy
+    (``kernels/cross_entropy.py``), which never makes the logits. The loss is computed in this
+    module's call rather than by reading ``self.weight`` from outside, so that a wrapper's hooks see
+    every use of the weight: FSDP2 (``engine/parallel.py``) gives the LM head its own group, which
+    all-gathers the weight for this call and frees it right after."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, targets)
+
+
 class CausalLM(nn.Module):
     """Transformer + LM head, mirroring HF's ``*ForCausalLM``."""
 
@@ -220,7 +234,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Transformer(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -274,7 +288,7 @@ class CausalLM(nn.Module):
         With ``targets`` (b, s) — the next token each position must predict, -100 where not
         trained — returns instead the fp32 *sum* of the token losses over trained positions
         (the trainer divides by its own token count). Only trained rows go through the LM head.
-        The loss is computed inside ``forward`` so that FSDP's hooks see the LM-head use.
+        The loss is computed in the LM head's call (:class:`LMHead`) so that FSDP's hooks see it.
 
         position_ids (b, s) default to 0..s-1 per row, or restart per sample when ``cu_seqlens``
         (packed row, b == 1; see ``attention.py``) is given.
@@ -288,7 +302,7 @@ class CausalLM(nn.Module):
             raise ValueError("the KV cache is for inference: call model.eval() and pass no targets")
         hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, cache=cache)
         if targets is not None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+            return self.lm_head(hidden, targets)
         if logits_at is not None:
             return self.lm_head(hidden.reshape(-1, hidden.shape[-1])[logits_at])
         if return_hidden:

@@ -127,10 +127,17 @@ def recompute_saved(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], 
         yield
         return
     outer_pack, outer_unpack = outer
+    # Autograd keeps the pack hook with every tensor it packed until backward has used it, so the
+    # hook must not hold ``output`` (nor, under activation checkpointing, ``inputs``) itself: it
+    # reads them from ``block``, emptied when the block ends. Held by the closure, they stayed
+    # alive for the whole step: a norm's output (h per token) and silu(gate)·up (i) per layer,
+    # and with recomputation the layer's inputs and outputs too, which the pack-hook count of
+    # tests/test_saved_tensors.py cannot see (the peak-memory tests do).
+    block = [output, inputs]
 
     def pack(t: torch.Tensor):
-        if _is_view_of_all(t, output):
-            return _Rebuild(rebuild, tuple(outer_pack(i) for i in inputs), t.shape)
+        if block and _is_view_of_all(t, block[0]):
+            return _Rebuild(rebuild, tuple(outer_pack(i) for i in block[1]), t.shape)
         return outer_pack(t)
 
     def unpack(saved):
@@ -138,5 +145,8 @@ def recompute_saved(output: torch.Tensor, rebuild: Callable[..., torch.Tensor], 
             return saved.rebuild(*(outer_unpack(p) for p in saved.packed)).view(saved.shape)
         return outer_unpack(saved)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        block.clear()
