@@ -1,0 +1,112 @@
+"""scripts/gpu_check.sh cannot rot: its dry run (every step in its CPU form: the environment, the
+probe on tiny shapes through the Triton interpreter, the CUDA tests' selection collected, the
+step benchmark with --tiny, each kernel-benchmark section with --reference-only) runs here, its
+per-step limits sum to at most 8 minutes, and every CUDA-only test carries the ``gpu`` marker the
+script selects them by."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+BUDGET_S = 8 * 60
+
+
+def _steps() -> dict[str, int]:
+    """step name -> limit (s), from the script's `step NAME LIMIT ...` calls."""
+    text = SCRIPT.read_text()
+    return {m[0]: int(m[1]) for m in re.findall(r"^\s*step ([\w-]+) (\d+) ", text, flags=re.M)}
+
+
+def test_step_limits_sum_to_at_most_eight_minutes_and_match_the_header():
+    steps = _steps()
+    assert list(steps)[:4] == ["liger", "env", "probe", "tests"]  # most important first
+    assert sum(steps.values()) <= BUDGET_S, steps
+    header = SCRIPT.read_text().split("set -uo pipefail")[0]
+    for name, limit in steps.items():
+        assert re.search(rf"#\s+{re.escape(name)}\s+{limit}\s", header), f"header disagrees on {name} ({limit} s)"
+    total = re.search(r"#\s+total\s+(\d+)", header)
+    assert total and int(total[1]) == sum(steps.values())
+
+
+def _gpu_marked(decorators) -> bool:
+    return any(ast.unparse(d) == "pytest.mark.gpu" for d in decorators)
+
+
+def test_every_cuda_only_test_is_marked_gpu():
+    """A test skipped without CUDA (skipif on torch.cuda.is_available, directly or through a
+    module-level name) must carry @pytest.mark.gpu, or gpu_check.sh's `-m gpu` misses it."""
+    unmarked, marked = [], 0
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in tree.body:  # e.g. cuda = pytest.mark.skipif(not torch.cuda.is_available(), ...)
+            if isinstance(node, ast.Assign) and "skipif" in ast.unparse(node.value) and (
+                    "cuda.is_available" in ast.unparse(node.value) or "CUDA" in ast.unparse(node.value)):
+                aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+                cuda_only = any(
+                    (isinstance(d, ast.Name) and d.id in aliases)
+                    or ("skipif" in ast.unparse(d) and "cuda.is_available" in ast.unparse(d)) for d in node.decorator_list)
+                if cuda_only:
+                    marked += _gpu_marked(node.decorator_list)
+                    if not _gpu_marked(node.decorator_list):
+                        unmarked.append(f"{path.name}::{node.name}")
+    assert not unmarked, f"CUDA-only tests without @pytest.mark.gpu: {unmarked}"
+    assert marked >= 13
+
+
+def test_dry_run_runs_every_step(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, LIGER_WHEEL="")
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = {}
+    for line in (out / "steps.tsv").read_text().splitlines():
+        name, rc, seconds, limit = line.split("\t")
+        status[name] = int(rc)
+    assert list(status) == list(_steps()), status
+    failed = {name: (out / f"{name}.log").read_text()[-2000:] for name, rc in status.items() if rc != 0}
+    assert not failed, failed
+
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["precompile"]["launches"] >= 1 and not probe["precompile"]["failed"]
+    names = [c["name"] for c in probe["checks"]]
+    assert len(names) == 10 and all(c["ok"] for c in probe["checks"]), probe["checks"]
+    assert any("dropout" in n for n in names) and any("rope" in n for n in names)
+    assert json.loads((out / "env.json").read_text())["torch"]
+    # The CUDA tests are selected (collected, not run) by their marker, the fp32 one apart.
+    collected = re.search(r"(\d+)/\d+ tests collected|(\d+) tests? collected", (out / "tests.log").read_text())
+    assert collected and int(collected[1] or collected[2]) >= 15
+    assert "test_cuda_fp32_and_noncausal" in (out / "tests-fp32.log").read_text()
+    assert "test_cuda_fp32" not in (out / "tests.log").read_text()
+    step = json.loads((out / "step.json").read_text())
+    assert {r["engine"] for r in step["rows"]} == {"ours-ac", "hf"}
+    for section in ("ce", "elementwise", "attention"):
+        rows = json.loads((out / f"kernels_{section}.json").read_text())["results"]
+        assert rows and all(r["ms"] > 0 for r in rows), section
+    assert "no liger_kernel-*.whl found" in (out / "liger.log").read_text()
+
+
+@pytest.mark.parametrize("where", ["root", "env"])
+def test_a_carried_liger_wheel_is_found(tmp_path, where):
+    """The dry run names the wheel it would install: beside the checkout or from LIGER_WHEEL."""
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    (wheel_dir / "liger_kernel-0.8.5-py3-none-any.whl").write_bytes(b"")
+    script = (f'source <(sed -n "/^find_liger_wheel()/,/^}}/p" {SCRIPT}); '
+              f'cd {wheel_dir if where == "root" else tmp_path}; find_liger_wheel')
+    env = dict(os.environ, LIGER_WHEEL=str(wheel_dir) if where == "env" else "")
+    found = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True).stdout.strip()
+    assert found.endswith("liger_kernel-0.8.5-py3-none-any.whl")
