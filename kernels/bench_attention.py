@@ -62,6 +62,42 @@ SWEEP = {  # per GPU generation: (fwd m, n, warps, stages, dkdv m, n, warps, sta
 }
 
 
+def schedule_efficiency(lengths, block_n: int, kv_heads: int, sms: int, order: str) -> tuple[int, float]:
+    """(programs, modelled SM efficiency) of the dK/dV grid: greedy list scheduling in launch
+    order, one resident program per SM (its registers allow no second), each program's work
+    proportional to the query rows at or after its key block (the diagonal's extra cost and the
+    fixed per-program cost ignored). order: "head-major" (the former grid, key blocks fastest) or
+    "lpt" (``_grid_order``: heads fastest, so every head's heaviest block starts first)."""
+    import heapq
+
+    blocks = max(-(-n // block_n) for n in lengths)
+    index = [(h, s, i) for h in range(kv_heads) for s in range(len(lengths)) for i in range(blocks)]
+    if order == "lpt":
+        index = [(h, s, i) for i in range(blocks) for s in range(len(lengths)) for h in range(kv_heads)]
+    elif order != "head-major":
+        raise ValueError(f"order must be 'head-major' or 'lpt', got {order!r}")
+    jobs = [lengths[s] - i * block_n for _, s, i in index if i * block_n < lengths[s]]
+    free = [0] * sms
+    end = 0
+    for work in jobs:
+        t = heapq.heappop(free) + work
+        end = max(end, t)
+        heapq.heappush(free, t)
+    return len(jobs), sum(jobs) / sms / end
+
+
+def print_schedule() -> None:
+    """The dK/dV launch-order arithmetic of kernels/BENCHMARKS.md."""
+    print("gpu   SMs  rows                   BLOCK_N  programs  head-major  lpt")
+    for gpu, sms in (("H100", 132), ("A100", 108)):
+        for lengths in ([4096], list(PACKED), [2048, 2048], [2048]):
+            for block_n in (128, 64):
+                programs, old = schedule_efficiency(lengths, block_n, N_KV, sms, "head-major")
+                _, new = schedule_efficiency(lengths, block_n, N_KV, sms, "lpt")
+                print(f"{gpu}  {sms:4d}  {'+'.join(map(str, lengths)):21s}  {block_n:7d}  {programs:8d}  "
+                      f"{old:10.2f}  {new:.2f}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn-sweep", action="store_true",
                         help="also time alternative tile configurations of the attention kernels")
@@ -309,8 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-only", action="store_true", help="reference paths only, on CPU, small shapes")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--schedule", action="store_true",
+                   help="no GPU needed: print the modelled SM efficiency of the dK/dV grid's launch orders")
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.schedule:
+        print_schedule()
+        return 0
     if not args.reference_only and not torch.cuda.is_available():
         print("kernels.bench_attention needs a CUDA GPU; on CPU use --reference-only", file=sys.stderr)
         return 2

@@ -361,6 +361,24 @@ def test_cuda_fp32_and_noncausal():
 
 @pytest.mark.gpu
 @cuda
+def test_cuda_dispatch_sends_fp32_to_sdpa(monkeypatch):
+    """fp32 CUDA tensors take the torch path in the model's dispatch (the kernels' exact fp32 dots
+    only compile without spills on 16 × 16 tiles); force("triton") still reaches the kernels."""
+    calls = []
+    real = ka.flash_attention_varlen
+    monkeypatch.setattr(ka, "flash_attention_varlen", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = torch.randn(1, 33, 8, 64, device="cuda")
+    k = v = torch.randn(1, 33, 2, 64, device="cuda")
+    out = ka.attention(q, k, v)
+    assert not calls
+    with force("triton"):
+        forced = ka.attention(q, k, v)
+    assert calls == [1]
+    assert (out - forced).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_int64_offsets():
     """total_tokens · n_heads · head_dim > 2**31: the last samples' element offsets pass int32."""
     n_heads, n_kv, d, length = 40, 8, 128, 512

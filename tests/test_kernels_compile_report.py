@@ -182,3 +182,16 @@ def test_full_report_passes_and_the_old_sm90_tiles_spill_on_sm80(tmp_path, monke
                           rows="1x4096", dtype="bf16", gated=True)
     fwd = next(x for x in launches if x.kernel.endswith("_attn_fwd_kernel"))
     assert cr.problems(fwd, 80, cr.compile_launch(fwd, 80))
+
+
+def test_launch_order_model_of_kernels_benchmarks():
+    """The figures kernels/BENCHMARKS.md quotes for the dK/dV grid (132 SMs, one program each)."""
+    from kernels.bench_attention import schedule_efficiency
+
+    programs, head_major = schedule_efficiency([4096], 128, 8, 132, "head-major")
+    assert programs == 256 and round(head_major, 2) == 0.63
+    assert schedule_efficiency([4096], 128, 8, 132, "lpt")[1] == pytest.approx(1.0)
+    assert schedule_efficiency([4096], 64, 8, 132, "lpt") == (512, pytest.approx(0.99, abs=0.005))
+    # A single 2048-token row has fewer 128-key programs (128) than SMs: no order helps; 64 keys do.
+    assert schedule_efficiency([2048], 128, 8, 132, "lpt")[1] == pytest.approx(0.52, abs=0.005)
+    assert schedule_efficiency([2048], 64, 8, 132, "lpt")[1] == pytest.approx(1.0)
