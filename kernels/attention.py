@@ -676,14 +676,16 @@ def attention_backward(
         CAUSAL=bool(causal), DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype),
     )
     scalars = (total, scale * LOG2E, scale, float(dropout_p), int(seed))
-    launchable(_attn_bwd_dkdv_kernel, q.device)[_grid_order(n_kv, n_seqs, triton.cdiv(max_seqlen, config.dkdv_block_n))](
+    dkdv_grid = _grid_order(n_kv, n_seqs, triton.cdiv(max_seqlen, config.dkdv_block_n))
+    launchable(_attn_bwd_dkdv_kernel, q.device)[dkdv_grid](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         *scalars, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
         num_warps=config.dkdv_warps, num_stages=config.dkdv_stages, **common,
     )
-    launchable(_attn_bwd_dq_kernel, q.device)[_grid_order(n_heads, n_seqs, triton.cdiv(max_seqlen, config.dq_block_m))](
+    dq_grid = _grid_order(n_heads, n_seqs, triton.cdiv(max_seqlen, config.dq_block_m))
+    launchable(_attn_bwd_dq_kernel, q.device)[dq_grid](
         q, k, v, dout, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),

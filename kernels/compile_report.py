@@ -290,17 +290,12 @@ def compile_launch(launch: Launch, cc: int, *, always: bool = True) -> dict:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
     result = parse_ptxas_log(log.getvalue())
-    blocks = {k: v for k, v in constexprs.items() if _name(kernel, k).startswith("BLOCK") and _name(kernel, k) != "BLOCK_D"}
-    result.update(
-        shared=compiled.metadata.shared, seconds=time.perf_counter() - start,
-        tiles=" ".join(f"{_name(kernel, k).removeprefix('BLOCK_') or 'BLOCK'}={v}" for k, v in blocks.items())
-        + f" w{options.num_warps} s{options.num_stages}",
-    )
+    names = {kernel.arg_names[path[0]]: v for path, v in constexprs.items()}
+    blocks = " ".join(f"{name.removeprefix('BLOCK_') or 'BLOCK'}={v}" for name, v in names.items()
+                      if name.startswith("BLOCK") and name != "BLOCK_D")
+    result.update(shared=compiled.metadata.shared, seconds=time.perf_counter() - start,
+                  tiles=f"{blocks} w{options.num_warps} s{options.num_stages}")
     return result
-
-
-def _name(kernel, path) -> str:
-    return kernel.arg_names[path[0]]
 
 
 @contextlib.contextmanager
@@ -461,8 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     launches = [(x, cc) for cc in archs for x in production_launches(cc, args.subset)]
     print(f"compile report: {len(launches)} launches, triton {triton.__version__}, torch {torch.__version__}, "
           f"sm_{', sm_'.join(map(str, archs))}, {args.jobs} process(es)", file=sys.stderr, flush=True)
+    done = []
+
+    def progress(launch, cc, result):
+        done.append(1)
+        figures = result.get("error") or f"{result['registers']} registers, {result['spill_stores']} B spilled"
+        print(f"[{len(done)}] sm_{cc} {launch.kernel.rsplit('.', 1)[1]} ({launch.case}): {figures}",
+              file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:  # CI's own cache stays clean
-        results = compile_all(launches, args.jobs, always=True, cache_dir=cache)
+        results = compile_all(launches, args.jobs, always=True, cache_dir=cache, on_result=progress)
     records, failures, status = [], [], 0
     for (launch, cc), result in zip(launches, results):
         records.append(dict(kernel=launch.kernel, case=launch.case, rows=launch.rows, dtype=launch.dtype,

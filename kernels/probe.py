@@ -332,7 +332,8 @@ def write(out: Path, report: dict) -> None:
         ms = ", ".join(f"{k} {v:.3f}" for k, v in c.get("ms", {}).items() if v is not None)
         lines.append(f"| {c['name']} | {'ok' if c['ok'] else 'FAILED'} | {c['detail']} | {ms} |")
     if report.get("kernels"):
-        lines += ["", "| kernel | tiles | flags | registers | spilled bytes | shared KiB |", "|---|---|---|---|---|---|"]
+        lines += ["", "| kernel | tiles | flags | registers | spilled bytes | shared KiB |",
+                  "|---|---|---|---|---|---|"]
         for k in report["kernels"]:
             lines.append(f"| {k['kernel']} | {k['tiles']} | {k['flags']} | {k['registers']} | {k['spilled_bytes']} | "
                          f"{k['shared'] / 1024:.3g} |")

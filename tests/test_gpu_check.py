@@ -55,9 +55,9 @@ def test_every_cuda_only_test_is_marked_gpu():
                 aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
-                cuda_only = any(
-                    (isinstance(d, ast.Name) and d.id in aliases)
-                    or ("skipif" in ast.unparse(d) and "cuda.is_available" in ast.unparse(d)) for d in node.decorator_list)
+                cuda_only = any((isinstance(d, ast.Name) and d.id in aliases)
+                                or ("skipif" in ast.unparse(d) and "cuda.is_available" in ast.unparse(d))
+                                for d in node.decorator_list)
                 if cuda_only:
                     marked += _gpu_marked(node.decorator_list)
                     if not _gpu_marked(node.decorator_list):
