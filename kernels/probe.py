@@ -44,12 +44,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import attention as ka
 from kernels import backend
-from kernels import cross_entropy as ce
-from kernels import rms_norm as kn
-from kernels import rope as kr
-from kernels import swiglu as ks
 
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FULL = dict(dtype=torch.bfloat16, eltwise_dtype=torch.bfloat16, heads=40, kv=8, seed_heads=80, d=128, seq=4096,
@@ -147,6 +142,8 @@ def _free(device):
 
 
 def check_attention(s, device, lengths, heads, dropout_p=0.0) -> dict:
+    from kernels import attention as ka
+
     dtype, kv, d = s["dtype"], s["kv"], s["d"]
     g = torch.Generator(device=device).manual_seed(0)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -184,6 +181,8 @@ def check_attention(s, device, lengths, heads, dropout_p=0.0) -> dict:
 
 
 def check_loss(s, device, vocab, ignored) -> dict:
+    from kernels import cross_entropy as ce
+
     dtype, n, hidden = s["dtype"], s["tokens"], s["hidden"]
     g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: no CPU seconds
     h = torch.randn(n, hidden, generator=g, device=device, dtype=dtype)
@@ -224,6 +223,8 @@ def _elementwise_rule(out, ref, grads, low_grads, exact_grads, dtype) -> tuple[b
 
 
 def check_rms_norm(s, device) -> dict:
+    from kernels import rms_norm as kn
+
     dtype = s["eltwise_dtype"]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(s["tokens"], s["hidden"], generator=g, device=device).mul(3).add(0.5).to(dtype)
@@ -242,6 +243,8 @@ def check_rms_norm(s, device) -> dict:
 
 
 def check_swiglu(s, device) -> dict:
+    from kernels import swiglu as ks
+
     dtype = s["eltwise_dtype"]
     g = torch.Generator(device=device).manual_seed(0)
     gate, up, dm = (torch.randn(s["tokens"], s["intermediate"], generator=g, device=device).mul(3).to(dtype)
@@ -258,6 +261,8 @@ def check_swiglu(s, device) -> dict:
 
 
 def check_rope(s, device) -> dict:
+    from kernels import rope as kr
+
     dtype, tokens, heads, d = s["eltwise_dtype"], s["tokens"], s["heads"], s["d"]
     g = torch.Generator(device=device).manual_seed(0)
     x, dy = (torch.randn(tokens, heads, d, generator=g, device=device).to(dtype) for _ in range(2))
@@ -301,8 +306,10 @@ def driver_resources() -> list[dict]:
     thread, spilled bytes per thread (local memory) and triton's shared memory."""
     from triton.runtime.jit import JITFunction
 
+    from kernels.compile_report import KERNEL_MODULES
+
     rows = []
-    for module in (ka, ce, kn, kr, ks):
+    for module in KERNEL_MODULES:
         for name, fn in sorted(vars(module).items()):
             if not isinstance(fn, JITFunction):
                 continue
