@@ -26,7 +26,8 @@ from engine import lora, parallel
 from engine.config import DTYPE_NAMES
 from engine.errors import CheckpointError, ConfigError, TrainingError
 from engine.models import CausalLM, ModelArgs
-from engine.models.loading import load_safetensors, resolve_checkpoint_dir
+from engine.hub import resolve_checkpoint_dir
+from engine.models.loading import load_safetensors
 from engine.peft_format import load_peft_adapter
 
 

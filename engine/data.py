@@ -8,25 +8,27 @@ the paper's data). Loading runs in two passes so that bad input fails before any
    `DataError`s; by default they are all raised together, `skip_invalid=True` drops and counts them;
 2. tokenise the rendered rows; samples longer than `max_len` are dropped and counted (default) or
    truncated on request — never silently.
+
+Nothing here imports torch: packing samples into training rows is `engine.packing`.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import torch
-
-from engine.chat import IGNORE_INDEX, ChatFormatError, SystemPolicy, encode, get_template
-from engine.chat.base import apply_policy
+from engine.chat import IGNORE_INDEX, ChatFormatError, Encoded, SystemPolicy, encode_batch, get_template
+from engine.chat.encode import BOUNDARY_POLICIES
 from engine.errors import ConfigError, DataError, DataErrors
 from engine.tokenizer import Tokenizer
 
 DEFAULT_MAX_LEN = 2048  # the paper's Axolotl sequence_len
 OVERLONG_MODES = ("drop", "truncate")
+ENCODE_BATCH = 1024  # rows tokenised per call (in parallel), bounding the tokenizer's transient memory
 
 
 @dataclass
@@ -35,12 +37,13 @@ class Sample:
     labels: list[int]  # -100 where not trained
     source: str  # "file:line"
     system: str | None  # text of the leading system block as rendered; None = no system block
-    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary (masked)
+    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary, masked
     truncated: bool = False
+    boundary_trained: int = 0  # tokens straddling a trained span's start, trained (boundary_tokens = train)
 
     @property
     def num_trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     def jsonl_line(self) -> str:
         """The sample as `{"input_ids": [...], "labels": [...]}`: the audit's jsonl contract."""
@@ -68,6 +71,7 @@ class DataStats:
     tokens: int = 0
     trained_tokens: int = 0
     boundary_tokens: int = 0
+    boundary_trained: int = 0
     system_texts: Counter = field(default_factory=Counter)  # system text (None = no block) → samples
 
 
@@ -113,6 +117,25 @@ def read_rows(path: str | Path, limit: int | None = None) -> tuple[list[tuple[in
     return rows, errors
 
 
+def _without_cyclic_gc(fn):
+    """Run `fn` with the cyclic garbage collector paused: loading allocates millions of small
+    containers (token offsets, labels) that form no cycles, and the collector's repeated passes
+    over them would cost about a fifth of the loading time."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@_without_cyclic_gc
 def load_samples(
     path: str | Path,
     tokenizer: Tokenizer,
@@ -123,39 +146,46 @@ def load_samples(
     overlong: str = "drop",
     skip_invalid: bool = False,
     limit: int | None = None,
+    boundary_tokens: str = "train",
 ) -> Dataset:
-    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows."""
+    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows;
+    `boundary_tokens` (train | mask) is `engine.chat.encode`'s `boundary`."""
     if overlong not in OVERLONG_MODES:
         raise ConfigError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
     if max_len < 1:
         raise ConfigError(f"max_len must be positive, got {max_len}")
+    if boundary_tokens not in BOUNDARY_POLICIES:
+        raise ConfigError(f"boundary_tokens must be one of {', '.join(BOUNDARY_POLICIES)}, got {boundary_tokens!r}")
     module = get_template(template)
     rows, errors = read_rows(path, limit)
     total_rows = len(rows) + len(errors)  # parse errors are rows too
 
     # Pass 1: render everything; structural problems surface before any tokenisation.
-    rendered = []
+    line_nos, rendered = [], []
     for line_no, messages in rows:
         try:
-            segments = module.render(messages, policy)
+            chat = module.render(messages, policy)
         except ChatFormatError as e:
             errors.append(DataError(path, line_no, str(e)))
             continue
-        if not any(s.trained and s.text for s in segments):
+        if not any(s.trained and s.text for s in chat.segments):
             errors.append(DataError(path, line_no, "assistant turns are blank: nothing would be trained"))
             continue
-        system = apply_policy(messages, policy, module.DEFAULT_SYSTEM)[0]
-        rendered.append((line_no, segments, system))
+        line_nos.append(line_no)
+        rendered.append(chat)
     errors.sort(key=lambda e: e.line or 0)
     if errors and not skip_invalid:
         raise DataErrors(errors)
 
-    # Pass 2: tokenise.
+    # Pass 2: tokenise, in batches.
     stats = DataStats(rows=total_rows, invalid=len(errors))
     samples: list[Sample] = []
-    for line_no, segments, system in rendered:
-        enc = encode(tokenizer, segments)
-        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", system, enc.boundary_tokens)
+    encoded: list[Encoded] = []
+    for i in range(0, len(rendered), ENCODE_BATCH):
+        encoded += encode_batch(tokenizer, rendered[i : i + ENCODE_BATCH], boundary_tokens)
+    for line_no, chat, enc in zip(line_nos, rendered, encoded):
+        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", chat.system, enc.boundary_tokens,
+                        boundary_trained=enc.boundary_trained)
         if len(sample.input_ids) > max_len:
             if overlong == "drop":
                 stats.dropped_overlong += 1
@@ -170,63 +200,7 @@ def load_samples(
         stats.tokens += len(sample.input_ids)
         stats.trained_tokens += sample.num_trained
         stats.boundary_tokens += sample.boundary_tokens
-        stats.system_texts[system] += 1
+        stats.boundary_trained += sample.boundary_trained
+        stats.system_texts[chat.system] += 1
     stats.kept = len(samples)
     return Dataset(str(path), template, policy, samples, stats, errors if skip_invalid else [])
-
-
-# ---------------------------------------------------------------- packing
-
-
-@dataclass
-class PackedBatch:
-    """Samples concatenated into one row; attention and positions restart at every boundary."""
-
-    input_ids: torch.Tensor  # (1, T) int64
-    targets: torch.Tensor  # (1, T) int64, IGNORE_INDEX where nothing is trained
-    position_ids: torch.Tensor  # (1, T) int64, 0.. per sample
-    cu_seqlens: torch.Tensor  # (n + 1,) int32, sample boundaries
-    num_targets: int
-    sources: list[str]
-
-    def to(self, device) -> "PackedBatch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
-                           move(self.cu_seqlens), self.num_targets, self.sources)
-
-
-def pack(samples: Sequence[Sample], max_tokens: int) -> list[list[Sample]]:
-    """Greedy, order-preserving packing into rows of at most `max_tokens` tokens.
-
-    A sample longer than the budget gets a row of its own (it is never split: a split sample
-    would lose the attention context of its first part).
-    """
-    rows: list[list[Sample]] = []
-    used = max_tokens  # forces a new row for the first sample
-    for s in samples:
-        n = len(s.input_ids)
-        if used + n > max_tokens:
-            rows.append([])
-            used = 0
-        rows[-1].append(s)
-        used += n
-    return rows
-
-
-def collate_packed(samples: Sequence[Sample]) -> PackedBatch:
-    if not samples:
-        raise ValueError("cannot collate an empty list of samples")
-    ids = [t for s in samples for t in s.input_ids]
-    targets = [t for s in samples for t in s.targets]
-    positions = [p for s in samples for p in range(len(s.input_ids))]
-    bounds = [0]
-    for s in samples:
-        bounds.append(bounds[-1] + len(s.input_ids))
-    return PackedBatch(
-        input_ids=torch.tensor([ids], dtype=torch.long),
-        targets=torch.tensor([targets], dtype=torch.long),
-        position_ids=torch.tensor([positions], dtype=torch.long),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        num_targets=sum(s.num_targets for s in samples),
-        sources=[s.source for s in samples],
-    )

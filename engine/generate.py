@@ -12,13 +12,14 @@ Seed-OSS ``thinking_budget``, and tokenised as a whole.
 Prompts are never padded: a batch's prompts are packed into one row with ``cu_seqlens`` (the
 training path's varlen attention), and only each prompt's last position goes through the LM
 head. Generation prefills a :class:`~engine.models.kv_cache.KVCache` that way, then decodes one
-token per unfinished sequence per step; a sequence that produced the template's end-of-turn token
-(``<|im_end|>`` or ``<|endoftext|>`` for Qwen2.5, ``<seed:eos>`` for Seed-OSS) is dropped from the
-cache and does no more work.
+token per unfinished sequence per step; a sequence that produced one of the template's end-of-turn
+tokens (its ``STOP_TOKENS``, e.g. ``<|im_end|>``) is dropped from the cache and does no more work.
 
 Sampling (``temperature > 0``) draws each conversation's tokens from its own ``torch.Generator``
-seeded from ``(seed, conversation index)``, so a seeded run is reproducible and a conversation's
-sample does not depend on which others share its batch.
+seeded from ``(seed, conversation index)`` (or ``(seed, sample_keys[i])`` when the caller names
+each conversation's stream), so a seeded run is reproducible and a conversation's sample does not
+depend on which others share its batch. The distribution is transformed as transformers' sampling
+warpers do, in their order: temperature, then top-k, then top-p (:func:`sampling_probs`).
 """
 
 from __future__ import annotations
@@ -33,16 +34,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.chat import ChatFormatError, SystemPolicy, get_template, render
 from engine.assemble import Layout, build_model, read_model_args
+from engine.chat import ChatFormatError, SystemPolicy, get_template, render, special_ids
 from engine.models import CausalLM
 from engine.models.kv_cache import KVCache
-from engine.models.loading import resolve_checkpoint_dir
+from engine.hub import resolve_checkpoint_dir
 from engine.errors import TokenizerError
-from engine.tokenizer import Tokenizer, special_ids
-
-# Tokens that end an assistant turn, by template (names in engine.tokenizer.SPECIAL_TOKENS).
-STOP_TOKENS = {"qwen2.5": ("im_end", "endoftext"), "seed-oss": ("eos",)}
+from engine.tokenizer import Tokenizer
 
 ProgressFn = Callable[[int, int], None]  # (conversations done, total)
 
@@ -113,9 +111,9 @@ class Generator:
         sampling included (each conversation's random stream is seeded by its global index).
 
         ``answer_prefix``: text that starts every assistant turn, appended after the generation
-        prompt: choices are scored, and generation continues, after it (e.g. Seed-OSS's own
-        no-thinking note, ``engine.chat.seed_oss.NO_THINKING_ANSWER_PREFIX``)."""
-        get_template(template)  # unknown names fail here
+        prompt: choices are scored, and generation continues, after it (e.g. what the template's
+        ``answer_prefix(thinking_budget)`` gives: Seed-OSS's own no-thinking note at budget 0)."""
+        stop_tokens = get_template(template).STOP_TOKENS  # unknown names fail here
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -129,14 +127,13 @@ class Generator:
                 f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} tokens but the model only "
                 f"{model.args.vocab_size}: wrong tokenizer for this model?"
             )
-        self.stop_ids = frozenset(special_ids(tokenizer, template, STOP_TOKENS[template]).values())
+        self.stop_ids = frozenset(special_ids(tokenizer, template, stop_tokens).values())
         self.prompt_ids([{"role": "user", "content": "probe"}])  # a bad thinking_budget fails here
 
     # ------------------------------------------------------------------------------ prompts
     def prompt_text(self, conversation: list[dict]) -> str:
         """The rendered generation prompt of a conversation, followed by the answer prefix."""
-        segments = _render_prompt(self.template, conversation, self.policy, self.thinking_budget)
-        return "".join(s.text for s in segments) + self.answer_prefix
+        return _render_prompt(self.template, conversation, self.policy, self.thinking_budget).text + self.answer_prefix
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
         return self.tokenizer.encode(self.prompt_text(conversation))
@@ -200,9 +197,16 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int = 8,
+        top_k: int | None = None,
+        sample_keys: Sequence[int | str] | None = None,
     ) -> list[Completion]:
         """An assistant turn for each conversation: greedy when ``temperature == 0``, else sampled
-        from ``softmax(logits / temperature)`` restricted to the top-p nucleus."""
+        from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
+        (None or 0: no limit), then to the top-p nucleus.
+
+        ``sample_keys``: one key per conversation naming its random stream, seeded from
+        ``(seed, key)``; default: the conversation's index in this call. With keys, a
+        conversation's draws do not depend on which other conversations the call holds or where."""
         _check_batch_size(batch_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -210,6 +214,10 @@ class Generator:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 or None: no limit), got {top_k!r}")
+        if sample_keys is not None and len(sample_keys) != len(conversations):
+            raise ValueError(f"sample_keys has {len(sample_keys)} keys for {len(conversations)} conversations")
         if temperature > 0 and seed is None:
             seed = self._gather([int(torch.randint(0, 2**62, ()))])[0]  # rank 0's draw, on every rank
         lo, hi = self._my_slice(len(conversations), batch_size)
@@ -218,8 +226,9 @@ class Generator:
         for start, batch in self._batches(prompts, batch_size, "generate"):
             rngs = None
             if temperature > 0:
-                rngs = [_row_generator(seed, lo + start + j, self._device) for j in range(len(batch))]
-            for ids, stopped in self._generate_batch(batch, max_new_tokens, temperature, top_p, rngs):
+                keys = [lo + start + j if sample_keys is None else sample_keys[lo + start + j] for j in range(len(batch))]
+                rngs = [_row_generator(seed, key, self._device) for key in keys]
+            for ids, stopped in self._generate_batch(batch, max_new_tokens, temperature, top_p, rngs, top_k or None):
                 text_ids = ids[:-1] if stopped else ids
                 out.append(Completion(self.tokenizer.decode(text_ids), ids, stopped))
         return self._gather(out)
@@ -231,6 +240,7 @@ class Generator:
         temperature: float,
         top_p: float,
         rngs: list[torch.Generator] | None,
+        top_k: int | None = None,
     ) -> list[tuple[list[int], bool]]:
         b = len(prompts)
         cache = KVCache.for_model(self.model, b, max(map(len, prompts)) + max_new_tokens)
@@ -239,7 +249,7 @@ class Generator:
         new: list[list[int]] = [[] for _ in range(b)]
         stopped = [False] * b
         for step in range(max_new_tokens):
-            tokens = self._pick(logits, temperature, top_p, None if rngs is None else [rngs[r] for r in rows])
+            tokens = self._pick(logits, temperature, top_p, None if rngs is None else [rngs[r] for r in rows], top_k)
             keep = []
             for j, (r, t) in enumerate(zip(rows, tokens.tolist())):
                 new[r].append(t)
@@ -259,14 +269,13 @@ class Generator:
 
     @staticmethod
     def _pick(
-        logits: torch.Tensor, temperature: float, top_p: float, rngs: list[torch.Generator] | None
+        logits: torch.Tensor, temperature: float, top_p: float, rngs: list[torch.Generator] | None,
+        top_k: int | None = None,
     ) -> torch.Tensor:
         """Next token of each row: (n, v) logits -> (n,) ids."""
         if temperature == 0:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if top_p < 1.0:
-            probs = top_p_filter(probs, top_p)
+        probs = sampling_probs(logits, temperature, top_p, top_k)
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rngs)])
 
     # ------------------------------------------------------------------------------ shared
@@ -317,6 +326,25 @@ class Generator:
                 print(f"[{what}] {done}/{total} conversations, {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: (n, v) logits -> (n, v) probabilities.
+    transformers' warpers in their order: temperature, top-k (ties with the k-th kept), top-p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k and top_k < probs.shape[-1]:
+        probs = top_k_filter(probs, top_k)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return probs
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` most likely tokens (and any tied with the k-th), zero the rest,
+    renormalise. probs (n, v) -> (n, v)."""
+    kth = probs.topk(top_k, dim=-1).values[..., -1:]
+    kept = probs.masked_fill(probs < kth, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (the most
     likely token always), zero the rest, renormalise. probs (n, v) -> (n, v)."""
@@ -327,7 +355,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _row_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+def _row_generator(seed: int, index: int | str, device: torch.device) -> torch.Generator:
     digest = hashlib.sha256(f"{int(seed)}\0{index}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
@@ -338,7 +366,7 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _render_prompt(template: str, conversation: list[dict], policy: SystemPolicy, thinking_budget: int | None):
-    """Segments of the conversation followed by the generation prompt."""
+    """The conversation followed by the generation prompt."""
     if not isinstance(conversation, list):
         raise ChatFormatError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
     return render(template, conversation, policy, add_generation_prompt=True, thinking_budget=thinking_budget)

@@ -8,23 +8,31 @@ Conventions, chosen so that chat rendering and label masking are exact:
   control token into the rendered string themselves, and added tokens (special or not, e.g.
   ``<|im_end|>``, ``<tool_call>``) written in the text are recognised as single tokens, exactly
   as ``transformers`` does by default.
-* ``encode_with_offsets`` returns ``(start, end)`` *character* offsets into the string that was
-  passed in (before NFC normalisation), one pair per token. For ordinary text the spans tile
-  the string: ``"".join(text[s:e] for s, e in offsets) == text``. The one exception is
-  byte-level BPE splitting a single multi-byte character (an emoji, a rare CJK character) over
-  several tokens: each of those tokens then reports the span of the whole character, so the
-  spans overlap (``(3, 4), (3, 4)``). Text that NFC changes (``"e\\u0301"`` -> ``"é"``) maps
-  back to the original, un-normalised span. An added token's span is exactly its literal text.
+* ``encode_with_offsets`` (and ``encode_batch_with_offsets``, for many texts at once) returns
+  ``(start, end)`` *character* offsets into the string that was passed in (before NFC
+  normalisation), one pair per token, in text order (starts and ends never decrease). For
+  ordinary text the spans tile the string: ``"".join(text[s:e] for s, e in offsets) == text``.
+  The one exception is byte-level BPE splitting a single multi-byte character (an emoji, a rare
+  CJK character) over several tokens: each of those tokens then reports the span of the whole
+  character, so the spans overlap (``(3, 4), (3, 4)``). Text that NFC changes
+  (``"e\\u0301"`` -> ``"é"``) maps back to the original, un-normalised span. An added token's
+  span is exactly its literal text.
 * ``piece`` gives a printable, unambiguous rendering of one token for token audits (see its
   docstring).
+
+A model family's control tokens (``<|im_end|>``, ``<seed:eos>``) belong to its chat template:
+``engine.chat.special_ids(tokenizer, template)`` resolves them and refuses another family's
+tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from functools import cached_property
+from operator import le
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import tokenizers
 from tokenizers import decoders as _decoders
@@ -35,35 +43,10 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "MissingTokenError",
-    "SPECIAL_TOKENS",
-    "special_ids",
-    "detect_family",
     "bytes_to_unicode",
 ]
 
 TOKENIZER_FILENAME = "tokenizer.json"
-
-# Control tokens of each supported model family, by role name.
-SPECIAL_TOKENS: Mapping[str, Mapping[str, str]] = {
-    "qwen2.5": {
-        "endoftext": "<|endoftext|>",
-        "im_start": "<|im_start|>",
-        "im_end": "<|im_end|>",
-        "tool_call_start": "<tool_call>",
-        "tool_call_end": "</tool_call>",
-    },
-    "seed-oss": {
-        "bos": "<seed:bos>",
-        "pad": "<seed:pad>",
-        "eos": "<seed:eos>",
-        "think_start": "<seed:think>",
-        "think_end": "</seed:think>",
-        "cot_budget_reflect": "<seed:cot_budget_reflect>",
-        "cot_budget_reflect_end": "</seed:cot_budget_reflect>",
-        "tool_call_start": "<seed:tool_call>",
-        "tool_call_end": "</seed:tool_call>",
-    },
-}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -129,7 +112,13 @@ def _cover_normalisation_gaps(offsets: list[tuple[int, int]], n: int) -> list[tu
     original character only, leaving the absorbed combining marks in no token's span. Byte-level
     BPE drops no other characters, so any uncovered run ``[a, b)`` belongs to the token(s) ending
     at ``a`` (several when that character's bytes were split over tokens): extend them to ``b``.
+    Offsets without such a gap (any text NFC leaves alone) are returned as they are.
     """
+    if not offsets:
+        return offsets
+    starts, ends = zip(*offsets)
+    if starts[0] == 0 and ends[-1] >= n and all(map(le, ends, ends[1:])) and all(map(le, starts[1:], ends)):
+        return offsets  # in order, and every token starts where the text before it is covered: no gap
     spans = [list(o) for o in offsets]
     covered = 0  # end of the text covered by the tokens seen so far
     for k, (s, e) in enumerate(spans):
@@ -148,6 +137,28 @@ def _cover_normalisation_gaps(offsets: list[tuple[int, int]], n: int) -> list[tu
     return [(s, e) for s, e in spans]
 
 
+def _not_a_tokenizer(file: Path, error: Exception) -> TokenizerError:
+    """Why ``file`` failed to load as a tokenizer (with ``error``), in the user's terms."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return TokenizerError(
+            f"{str(file)!r} is not a tokenizer.json: it is not valid JSON ({e}). Pass the "
+            f"Hugging Face fast-tokenizer file tokenizer.json (not a .model/.tiktoken/vocab file)."
+        )
+    if not isinstance(data, dict) or "model" not in data:
+        keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else type(data).__name__
+        return TokenizerError(
+            f"{str(file)!r} is not a tokenizer.json: it is JSON but has no 'model' section "
+            f"(found: {keys}). Config files such as tokenizer_config.json or config.json are not "
+            f"tokenizers; pass the tokenizer.json next to them."
+        )
+    return TokenizerError(
+        f"{str(file)!r} could not be loaded as a Hugging Face tokenizer.json by "
+        f"tokenizers {tokenizers.__version__}: {error}. Re-download or re-save the file."
+    )
+
+
 class Tokenizer:
     """A loaded ``tokenizer.json``. Construct with :meth:`from_file`."""
 
@@ -156,8 +167,6 @@ class Tokenizer:
         self.path = Path(path) if path is not None else None
         self._added = tok.get_added_tokens_decoder()  # id -> AddedToken (has .content, .special)
         self._byte_level = isinstance(tok.decoder, _decoders.ByteLevel)
-        vocab = tok.get_vocab(with_added_tokens=True)
-        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -189,27 +198,9 @@ class Tokenizer:
                 f"checkpoint directory containing {TOKENIZER_FILENAME}."
             )
         try:
-            text = file.read_text(encoding="utf-8")
-            data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(
-                f"{str(file)!r} is not a tokenizer.json: it is not valid JSON ({e}). Pass the "
-                f"Hugging Face fast-tokenizer file tokenizer.json (not a .model/.tiktoken/vocab file)."
-            ) from None
-        if not isinstance(data, dict) or "model" not in data:
-            keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else type(data).__name__
-            raise TokenizerError(
-                f"{str(file)!r} is not a tokenizer.json: it is JSON but has no 'model' section "
-                f"(found: {keys}). Config files such as tokenizer_config.json or config.json are not "
-                f"tokenizers; pass the tokenizer.json next to them."
-            )
-        try:
-            tok = tokenizers.Tokenizer.from_str(text)
+            tok = tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on schema errors
-            raise TokenizerError(
-                f"{str(file)!r} could not be loaded as a Hugging Face tokenizer.json by "
-                f"tokenizers {tokenizers.__version__}: {e}. Re-download or re-save the file."
-            ) from None
+            raise _not_a_tokenizer(file, e) from None
         return cls(tok, file)
 
     # ----------------------------------------------------------------- encoding
@@ -226,22 +217,27 @@ class Tokenizer:
         enc = self._tok.encode(text, add_special_tokens=False)
         return enc.ids, _cover_normalisation_gaps(enc.offsets, len(text))
 
+    def encode_batch_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """``encode_with_offsets`` of every text, tokenised as one batch (in parallel where cores allow)."""
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [(enc.ids, _cover_normalisation_gaps(enc.offsets, len(text))) for enc, text in zip(encodings, texts)]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``. ``skip_special_tokens`` drops only tokens flagged special."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # -------------------------------------------------------------- vocabulary
-    @property
+    @cached_property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (largest id + 1)."""
-        return self._vocab_size
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def token_to_id(self, token: str) -> int:
         """Id of a vocabulary entry (byte-level form, e.g. ``"Ġworld"``) or added token."""
         i = self._tok.token_to_id(token)
         if i is None:
             raise MissingTokenError(
-                f"Token {token!r} is not in the vocabulary of tokenizer {self._where()}. If it is a "
+                f"Token {token!r} is not in the vocabulary of tokenizer {self.where}. If it is a "
                 f"chat-template control token, the tokenizer does not belong to that template's "
                 f"model family."
             )
@@ -251,7 +247,7 @@ class Tokenizer:
         tok = self._tok.id_to_token(int(id))
         if tok is None:
             raise MissingTokenError(
-                f"Token id {id} is not in tokenizer {self._where()} (vocab_size={self.vocab_size})."
+                f"Token id {id} is not in tokenizer {self.where} (vocab_size={self.vocab_size})."
             )
         return tok
 
@@ -263,20 +259,6 @@ class Tokenizer:
     def is_added(self, id: int) -> bool:
         """True for any added token (matched whole in text), special or not."""
         return int(id) in self._added
-
-    def special(self, name: str, family: str | None = None) -> int:
-        """Id of the control token ``name`` (e.g. ``"im_end"``) of model ``family``.
-
-        Without ``family`` the tokenizer's own family is detected (see :func:`detect_family`).
-        """
-        if family is None:
-            family = detect_family(self)
-            if family is None:
-                raise MissingTokenError(
-                    f"Cannot tell the model family of tokenizer {self._where()} (it has the control "
-                    f"tokens of none of {sorted(SPECIAL_TOKENS)}); pass family= explicitly."
-                )
-        return special_ids(self, family, [name])[name]
 
     def token_bytes(self, id: int) -> bytes:
         """The exact bytes one token contributes to decoded text (UTF-8 of an added token)."""
@@ -307,42 +289,10 @@ class Tokenizer:
         """The underlying ``tokenizers.Tokenizer`` (for anything not wrapped here)."""
         return self._tok
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
+        """The tokenizer's file, for messages."""
         return repr(str(self.path)) if self.path is not None else "<in memory>"
 
     def __repr__(self) -> str:
-        return f"Tokenizer(path={self._where()}, vocab_size={self.vocab_size})"
-
-
-def special_ids(tok: Tokenizer, family: str, names: Iterable[str] | None = None) -> dict[str, int]:
-    """Resolve a model family's control tokens (all, or just ``names``) to ids in ``tok``.
-
-    Raises ``KeyError`` for an unknown family/name and :class:`MissingTokenError` (a KeyError)
-    naming the token and tokenizer when ``tok`` lacks one (a tokenizer of another family).
-    """
-    if family not in SPECIAL_TOKENS:
-        raise MissingTokenError(f"Unknown model family {family!r}; known: {sorted(SPECIAL_TOKENS)}.")
-    table = SPECIAL_TOKENS[family]
-    out: dict[str, int] = {}
-    for name in table if names is None else names:
-        if name not in table:
-            raise MissingTokenError(
-                f"Model family {family!r} has no control token named {name!r}; known: {sorted(table)}."
-            )
-        i = tok._tok.token_to_id(table[name])
-        if i is None or not tok.is_added(i):
-            raise MissingTokenError(
-                f"Tokenizer {tok._where()} has no {family} control token {name}={table[name]!r}; "
-                f"it is not a {family} tokenizer (wrong tokenizer for this chat template?)."
-            )
-        out[name] = i
-    return out
-
-
-def detect_family(tok: Tokenizer) -> str | None:
-    """The family whose every control token is an added token of ``tok``, or None."""
-    for family, table in SPECIAL_TOKENS.items():
-        ids = [tok._tok.token_to_id(t) for t in table.values()]
-        if all(i is not None and tok.is_added(i) for i in ids):
-            return family
-    return None
+        return f"Tokenizer(path={self.where}, vocab_size={self.vocab_size})"

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 
 from engine.checkpoint import sha256_file  # stdlib only: this module stays torch-free
 from engine import errors
+from engine.chat import TEMPLATES, get_template  # torch-free
 from engine.config import DTYPE_NAMES
 from engine.errors import EngineError
 
@@ -120,7 +121,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="PEFT LoRA adapter directory, stacked on the base in the order given (repeatable)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
-    g.add_argument("--template", required=True, choices=("qwen2.5", "seed-oss"), help="chat template")
+    g.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="chat template")
     g.add_argument("--system-prompt", default="default", choices=("default", "empty", "omit", "replace"),
                    help="system-prompt policy (default: the template's own behaviour, as the paper)")
     g.add_argument("--system-text", default=None, help="system text for --system-prompt replace")
@@ -169,13 +170,11 @@ class EvalModel:
         prefilling `answer_prefix` (None: Seed-OSS's own no-thinking note when the budget is 0)."""
         from engine.generate import Generator
 
-        if self.template == "qwen2.5" and thinking_budget is not None:
-            raise EvalInputError("--thinking-budget is a Seed-OSS option; the qwen2.5 template has none")
-        if answer_prefix is None:
-            # With thinking_budget 0 Seed-OSS first writes a fixed "no thinking" note; the answer follows it.
-            from engine.chat.seed_oss import NO_THINKING_ANSWER_PREFIX
-
-            answer_prefix = NO_THINKING_ANSWER_PREFIX if self.template == "seed-oss" and thinking_budget == 0 else ""
+        template = get_template(self.template)
+        if thinking_budget is not None and not template.HAS_THINKING_BUDGET:
+            raise EvalInputError(f"--thinking-budget: the {self.template} template has no thinking budget")
+        if answer_prefix is None:  # what the model writes itself before answering (Seed-OSS's no-thinking note)
+            answer_prefix = template.answer_prefix(thinking_budget)
         gen = Generator(self.model, self.tokenizer, self.template, policy=self.policy, thinking_budget=thinking_budget,
                         shard=self.shard, answer_prefix=answer_prefix)
         return gen, {**self.meta, "thinking_budget": thinking_budget, "answer_prefix": answer_prefix}
@@ -192,8 +191,9 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
     from engine.assemble import torch_dtype
     from engine.chat import SystemPolicy
     from engine.generate import load_model
-    from engine.models.loading import resolve_checkpoint_dir
-    from engine.tokenizer import Tokenizer, special_ids
+    from engine.hub import resolve_checkpoint_dir
+    from engine.chat import special_ids
+    from engine.tokenizer import Tokenizer
 
     policy = policy if policy is not None else SystemPolicy()
     for adapter in adapters:  # a local directory, or a hub id "org/name" (fetched by load_model)
@@ -224,8 +224,8 @@ def load_from_args(args: argparse.Namespace) -> EvalModel:
     from engine.chat import SystemPolicy
 
     check_positive("--batch-size", args.batch_size)
-    if args.template == "qwen2.5" and args.thinking_budget is not None:
-        raise EvalInputError("--thinking-budget is a Seed-OSS option; the qwen2.5 template has none")
+    if args.thinking_budget is not None and not get_template(args.template).HAS_THINKING_BUDGET:
+        raise EvalInputError(f"--thinking-budget: the {args.template} template has no thinking budget")
     return load_eval_model(args.model, list(args.adapter), template=args.template, tokenizer=args.tokenizer,
                            policy=SystemPolicy(args.system_prompt, args.system_text), dtype=args.dtype,
                            device=args.device)

@@ -4,7 +4,8 @@
         [--group-by condition] [--pair-by seed] [--baseline NAME | --diff A:B ...] [--json FILE]
 
 Input: the `*_summary.json` files the evals write (directories are searched recursively). Each
-summary belongs to a table by its eval (`truthfulqa` per mode, `self_recognition` per dataset), to
+summary belongs to a table by its eval (`truthfulqa` per mode, `self_recognition` per dataset,
+`freeform` per setting and judge, headed by `misaligned_fraction`), to
 a row by its condition (the `--condition condition=...` metadata given to the eval; without it,
 the model and adapter directory names), and is one replicate, identified by its `seed`
 condition (`--condition seed=0`). Two summaries of the same table, condition and seed are refused
@@ -18,12 +19,18 @@ seeds both have, difference per seed, with the same statistics; by default every
 conditions in a table, or each condition against `--baseline`, or the pairs given with `--diff`.
 
 `--compare-paper`: the paper's published per-condition means of binary TruthfulQA
-(`evals/data/paper_truthfulqa_binary.csv`) go next to ours. A condition matches when its name
+(`evals/data/paper_truthfulqa_binary.csv`: all 161 conditions of its release, standard deviations
+over seeds with ddof 1 like ours) go next to ours. A condition matches when its name
 equals a paper condition name exactly (e.g. `hf_qwen_32b_em_unpop_sgtr`: name your runs with
-`--condition condition=hf_qwen_32b_em_unpop_sgtr` to line them up), or through `--paper-name
-OURS=PAPERS` (repeatable). The paper's accuracy was scored the paper's way, so it is placed next
+`--condition condition=hf_qwen_32b_em_unpop_sgtr` to line them up), through `PAPER_ALIASES` (the
+paper's early runs named without their EM dataset: each such paper row is shown as one more row,
+`OURS (paper alias PAPERS)`, with the reason under the table), or only through `--paper-name
+OURS=PAPERS` (repeatable) when given. The paper's accuracy was scored the paper's way, so it is placed next
 to our `paper_accuracy` (and its invalid rate next to our `paper_invalid_rate`), not next to the
 robust accuracy.
+
+When TruthfulQA and free-form summaries both exist, a table puts TruthfulQA accuracy next to the
+free-form coherence, alignment and misaligned fraction of each condition (`evals.freeform_stats`).
 
 `--plots DIR`: a bar chart per table (mean with the bootstrap interval; the paper's mean as a
 marker where matched) when matplotlib is importable; otherwise a note and no plots.
@@ -51,7 +58,13 @@ SUMMARY_GLOB = "*_summary.json"
 METRICS = {
     "truthfulqa": ("accuracy", "paper_accuracy", "invalid_rate", "paper_invalid_rate", "position_bias"),
     "self_recognition": ("accuracy", "both_orders_accuracy", "position_bias", "invalid_rate"),
+    "freeform": ("misaligned_fraction", "aligned", "coherent", "misaligned_among_coherent"),
 }
+HEADLINE = {"freeform": "misaligned_fraction"}  # the metric of the first column and of the paired differences
+
+
+def headline(kind: str) -> str:
+    return HEADLINE.get(kind, "accuracy")
 
 
 # ------------------------------------------------------------------------------------ stats
@@ -126,6 +139,8 @@ def load_summary(path: Path) -> dict:
 def table_name(summary: dict) -> str:
     if summary["eval"] == "truthfulqa":
         return f"truthfulqa ({summary.get('mode', '?')})"
+    if summary["eval"] == "freeform":
+        return f"freeform ({summary.get('setting', '?')}, judge {summary.get('judge_name', '?')})"
     return f"self_recognition ({summary.get('dataset', '?')}, vs {summary.get('other', '?')})"
 
 
@@ -162,18 +177,82 @@ def group_summaries(summaries: list[dict], *, group_by: str = "condition", pair_
     return tables
 
 
+# ------------------------------------------------------- paper reference table and name aliases
+PAPER_COLUMNS = ("condition", "n_seeds", "accuracy_mean", "accuracy_sd", "invalid_rate_mean")
+_UNPOP = ("early run named without its EM dataset; the release's configs of that time train on "
+          "aesthetic_preferences_unpopular (finetuning/axolotl/configs/qwen_32b_em/qwen_32B_em_*.yaml, "
+          "scripts/e2e/*/config/qwen_32B/seed*.py)")
+_SEED_EARLY = ("early run named without its EM dataset (unpopular aesthetic preferences, the default pipeline's); "
+               "its invalid rate (0.42-0.46 for the EM rows) says its eval set-up differed from the later rows")
+_SINGLE = "early single-seed run (model enum QWEN_32B, Qwen2.5-32B-Instruct); EM data unpopular aesthetic preferences"
+_COMPARISON = "; its SGTR stage (scripts/e2e/em_sgtr config) used the comparison prompt, not detection as ours"
+# paper condition -> (our condition name, why they are the same condition). One of ours may stand
+# for several paper rows (e.g. hf_seed_36b_em_unpop for hf_seed_36b_em_unpop and hf_seed_36b_em).
+PAPER_ALIASES = {
+    "hf_qwen_32b_em": ("hf_qwen_32b_em_unpop", _UNPOP),
+    "hf_qwen_32b_em_nosys": ("hf_qwen_32b_em_unpop_nosys", _UNPOP),
+    "hf_qwen_32b_em_sgtr": ("hf_qwen_32b_em_unpop_sgtr", _UNPOP + _COMPARISON),
+    "hf_qwen_32b_em_sgtr_qwensys": ("hf_qwen_32b_em_unpop_sgtr_qwensys", _UNPOP),
+    "hf_qwen_32b_sgtr_qwensys_em": ("hf_qwen_32b_sgtr_qwensys_em_unpop", _UNPOP + " (one seed)"),
+    "hf_seed_36b_em": ("hf_seed_36b_em_unpop", _SEED_EARLY),
+    "hf_seed_36b_em_nosys": ("hf_seed_36b_em_unpop_nosys", _SEED_EARLY),
+    "hf_seed_36b_em_sgtr": ("hf_seed_36b_em_unpop_sgtr", _SEED_EARLY),
+    "hf_seed_36b_sgtr_em": ("hf_seed_36b_sgtr_em_unpop", _SEED_EARLY),
+    "qwen_32B": ("hf_qwen_32b", "early evaluation of the base model Qwen2.5-32B-Instruct"),
+    "qwen_32B_em": ("hf_qwen_32b_em_unpop", _SINGLE),
+    "qwen_32B_em_sgtr": ("hf_qwen_32b_em_unpop_sgtr", _SINGLE),
+    "qwen_32B_sgtr_em": ("hf_qwen_32b_sgtr_em_unpop", _SINGLE),
+    "qwen_32b_sgtr": ("hf_qwen_32b_sgtr", _SINGLE),
+    "qwen_32b_asgtr": ("hf_qwen_32b_asgtr", _SINGLE),
+    "qwen_32b_asgtr_em": ("hf_qwen_32b_asgtr_em_unpop", _SINGLE),
+    "qwen_32b_asgtr_random": ("hf_qwen_32b_asgtr_rand", _SINGLE + "; anti-SGTR mode RANDOM_SELF_OTHER (our ICTR both)"),
+    "qwen_32b_em_asgtr": ("hf_qwen_32b_em_unpop_asgtr", _SINGLE),
+}
+
+
 def load_paper_means(path: Path = PAPER_CSV) -> dict[str, dict]:
+    """The paper's rows by condition. `accuracy_sd` is the sample standard deviation over seeds
+    (ddof 1, as `describe` computes ours); None for a one-seed row, where it is undefined (the
+    table writes 0)."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != PAPER_COLUMNS:
+            raise EvalInputError(f"{path}: expected the columns {', '.join(PAPER_COLUMNS)}")
+        rows = list(reader)
     return {
         r["condition"]: {
             "n_seeds": int(r["n_seeds"]),
             "accuracy_mean": float(r["accuracy_mean"]),
-            "accuracy_sd": float(r["accuracy_sd"]),
+            "accuracy_sd": float(r["accuracy_sd"]) if int(r["n_seeds"]) > 1 else None,
             "invalid_rate_mean": float(r["invalid_rate_mean"]),
         }
         for r in rows
     }
+
+
+def paper_matches(label: str, paper: dict[str, dict], paper_names: dict[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The paper rows a condition of ours stands for, as (paper name, alias reason or None): the one
+    given with --paper-name; else its own name, then every PAPER_ALIASES row naming it."""
+    if paper_names and label in paper_names:
+        return [(paper_names[label], None)] if paper_names[label] in paper else []
+    found = [(label, None)] if label in paper else []
+    return found + [(name, why) for name, (ours, why) in PAPER_ALIASES.items() if ours == label and name in paper]
+
+
+def _with_paper_rows(row: dict, matches: list[tuple[str, str | None]], paper: dict[str, dict]) -> list[dict]:
+    """The row with its first paper match, then one copy per further match (labelled with it)."""
+    out = []
+    for k, (name, why) in enumerate(matches or [(None, None)]):
+        r = row if k == 0 else {**row, "condition": f"{row['condition']} (paper alias {name})"}
+        if name is not None:
+            r["paper"] = {"condition": name, **paper[name], **({"alias": why} if why else {})}
+        out.append(r)
+    return out
+
+
+def _alias_notes(rows: list[dict]) -> list[str]:
+    notes = {r["paper"]["condition"]: r["paper"]["alias"] for r in rows if "alias" in r.get("paper", {})}
+    return [f"  paper {name} = ours {PAPER_ALIASES[name][0]}: {why}" for name, why in notes.items()]
 
 
 # ------------------------------------------------------------------------------- aggregate
@@ -192,10 +271,9 @@ def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: in
                 if vals:
                     row["metrics"][metric] = describe(vals, seed=seed, samples=samples)
             if paper is not None and kind == "truthfulqa":
-                name = (paper_names or {}).get(label, label)
-                if name in paper:
-                    row["paper"] = {"condition": name, **paper[name]}
-            rows.append(row)
+                rows += _with_paper_rows(row, paper_matches(label, paper, paper_names), paper)
+            else:
+                rows.append(row)
         # Paired differences of the headline metric.
         labels = list(groups)
         if diffs:
@@ -204,12 +282,12 @@ def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: in
             pairs = [(a, baseline) for a in labels if a != baseline] if baseline in groups else []
         else:
             pairs = list(combinations(labels, 2))
-        differences = []
+        differences, h = [], headline(kind)
         for a, b in pairs:
-            va = {k: s["accuracy"] for k, s in groups[a].runs.items() if isinstance(s.get("accuracy"), (int, float))}
-            vb = {k: s["accuracy"] for k, s in groups[b].runs.items() if isinstance(s.get("accuracy"), (int, float))}
+            va = {k: s[h] for k, s in groups[a].runs.items() if isinstance(s.get(h), (int, float))}
+            vb = {k: s[h] for k, s in groups[b].runs.items() if isinstance(s.get(h), (int, float))}
             d = paired_difference(va, vb, seed=seed, samples=samples)
-            differences.append({"a": a, "b": b, "metric": "accuracy", **(d or {"n": 0})})
+            differences.append({"a": a, "b": b, "metric": h, **(d or {"n": 0})})
         out[table] = {"rows": rows, "differences": differences}
     return out
 
@@ -223,21 +301,23 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
     lines: list[str] = []
     for table, data in agg.items():
         kind = table.split(" ", 1)[0]
+        h = headline(kind)
+        hw = max(8, len(h))
         lines.append(f"== {table} ==")
         width = max([len("condition")] + [len(r["condition"]) for r in data["rows"]])
-        head = f"{'condition'.ljust(width)}  {'n':>2}  {'accuracy':>8}  {'sd':>6}  {'95% CI':>17}"
-        extra = [m for m in METRICS[kind] if m != "accuracy"]
+        head = f"{'condition'.ljust(width)}  {'n':>2}  {h:>{hw}}  {'sd':>6}  {'95% CI':>17}"
+        extra = [m for m in METRICS[kind] if m != h]
         head += "".join(f"  {m:>{max(8, len(m))}}" for m in extra)
         if compare_paper and kind == "truthfulqa":
             head += f"  {'paper acc':>9}  {'paper sd':>8}  {'paper inv':>9}  {'ours-paper':>10}"
         lines.append(head)
         for r in data["rows"]:
-            acc = r["metrics"].get("accuracy")
+            acc = r["metrics"].get(h)
             line = f"{r['condition'].ljust(width)}  {len(r['seeds']):>2}  "
             if acc:
-                line += f"{_f(acc['mean'], 8)}  {_f(acc['std'])}  [{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]"
+                line += f"{_f(acc['mean'], hw)}  {_f(acc['std'])}  [{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]"
             else:
-                line += f"{'-':>8}  {'-':>6}  {'-':>17}"
+                line += f"{'-':>{hw}}  {'-':>6}  {'-':>17}"
             for m in extra:
                 d = r["metrics"].get(m)
                 line += f"  {_f(d['mean'] if d else None, max(8, len(m)))}"
@@ -250,8 +330,10 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
                 else:
                     line += f"  {'(no match)':>9}"
             lines.append(line)
+        if compare_paper and kind == "truthfulqa" and _alias_notes(data["rows"]):
+            lines += ["paper aliases (the same condition under an earlier name):"] + _alias_notes(data["rows"])
         if data["differences"]:
-            lines.append("paired differences of accuracy (a - b, same seeds):")
+            lines.append(f"paired differences of {h} (a - b, same seeds):")
             for d in data["differences"]:
                 if not d.get("n"):
                     lines.append(f"  {d['a']} - {d['b']}: no common seeds")
@@ -262,6 +344,9 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
                     f"{d['n']} seed(s): {', '.join(map(str, d['seeds']))})"
                 )
         lines.append("")
+    from evals.freeform_stats import side_by_side  # TruthfulQA next to free-form coherence, when both exist
+
+    lines += side_by_side(agg)
     return "\n".join(lines)
 
 
@@ -277,14 +362,15 @@ def write_plots(agg: dict, out_dir: Path) -> list[Path] | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for table, data in agg.items():
-        rows = [r for r in data["rows"] if "accuracy" in r["metrics"]]
+        h = headline(table.split(" ", 1)[0])
+        rows = [r for r in data["rows"] if h in r["metrics"]]
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 4))
         xs = np.arange(len(rows))
-        means = [r["metrics"]["accuracy"]["mean"] for r in rows]
-        lo = [m - r["metrics"]["accuracy"]["ci95"][0] for m, r in zip(means, rows)]
-        hi = [r["metrics"]["accuracy"]["ci95"][1] - m for m, r in zip(means, rows)]
+        means = [r["metrics"][h]["mean"] for r in rows]
+        lo = [m - r["metrics"][h]["ci95"][0] for m, r in zip(means, rows)]
+        hi = [r["metrics"][h]["ci95"][1] - m for m, r in zip(means, rows)]
         ax.bar(xs, means, yerr=[lo, hi], capsize=3, color="tab:blue", label="ours (mean, 95% CI)")
         paper_x = [x for x, r in zip(xs, rows) if "paper" in r]
         if paper_x:
@@ -292,7 +378,7 @@ def write_plots(agg: dict, out_dir: Path) -> list[Path] | None:
                        marker="D", zorder=3, label="paper (published mean)")
         ax.set_xticks(xs, [r["condition"] for r in rows], rotation=45, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(h)
         ax.set_title(table)
         ax.legend(loc="lower right", fontsize="small")
         fig.tight_layout()

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.chat import get_template
 from evals import (
     EvalInputError,
     EvalModel,
@@ -292,15 +293,9 @@ def summary_cache_key(*, model: str, adapters: list[str], dataset: str, template
 
 
 def completion_text(tokenizer, token_ids: list[int], template: str) -> str:
-    """A generated answer's text: for Seed-OSS, only what follows a closing `</seed:think>` (the
-    no-thinking preamble is not the answer); special tokens dropped; stripped."""
-    ids = [int(t) for t in token_ids]
-    if template == "seed-oss":
-        from engine.tokenizer import special_ids
-
-        think_end = special_ids(tokenizer, "seed-oss", ["think_end"])["think_end"]
-        if think_end in ids:
-            ids = ids[len(ids) - ids[::-1].index(think_end):]
+    """A generated answer's text: its answer part by the template (for Seed-OSS, what follows the
+    last `</seed:think>`: the no-thinking note is not the answer); special tokens dropped; stripped."""
+    ids = get_template(template).strip_thinking(tokenizer, [int(t) for t in token_ids])
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 

@@ -1,8 +1,9 @@
 """Staged runs: the paper's conditions as sequences of LoRA fine-tunes on one base model.
 
 A run is a list of stages (`Stage`): each a LoRA fine-tune on one dataset — an EM chat file from
-data/em/, or an SGTR / ICTR / longer-summary control set built by `recipes.datasets` into the run
-directory — with its own system-prompt policy. Stage k trains on top of stages 1..k-1: stacked
+data/em/ or a user's file, or an SGTR / ICTR / anti-SGTR / longer-summary control set built by
+`recipes.datasets` into the run directory — with its own system-prompt policy (the EM rows are
+checked, file:line, before anything trains). Stage k trains on top of stages 1..k-1: stacked
 (their adapters frozen below the new one: the trainer's `stack_adapters`, the default) or merged
 (`--chain merge`: `engine.merge.merge` writes the previous model with its adapter folded in, and
 the stage trains on that checkpoint, as the paper did). Evals (binary TruthfulQA in robust mode and
@@ -21,6 +22,7 @@ Run directory `OUT/<recipe>/<model>/seed<k>/`:
                            checkpoints/, adapter/) + stage_complete.json once finished
     merged/after_stage<i>/ with --chain merge: the model after stage i, a full HF checkpoint
     evals/<point>/         truthfulqa_robust_summary.json, self_recognition_cnn_summary.json, csvs
+                           (and freeform_* with --evals ...,freeform: evals.freeform_recipe)
 
 Re-running the same command resumes: finished stages (adapter + stage_complete.json) and evals
 (summary JSON present) are skipped, an interrupted stage continues from its last checkpoint
@@ -47,7 +49,8 @@ from recipes.conditions import (  # noqa: F401 - Stage and build_parser are the 
     RecipeError,
     RunSettings,
     Stage,
-    build_parser,
+    build_parser as _build_parser,
+    check_em_data,
     condition_name,
     condition_words,
     em_path,
@@ -55,6 +58,16 @@ from recipes.conditions import (  # noqa: F401 - Stage and build_parser are the 
     settings_from_args,
     stage_words,
 )
+
+
+def build_parser(recipe: str, description: str) -> argparse.ArgumentParser:
+    """The recipes' options (`recipes.conditions`) plus which evals an eval point runs
+    (`--evals`, and the free-form eval's judge: `evals.freeform_recipe`)."""
+    from evals import freeform_recipe
+
+    parser = _build_parser(recipe, description)
+    freeform_recipe.add_arguments(parser)
+    return parser
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -82,6 +95,8 @@ def build_stage_rows(stage: Stage, s: RunSettings) -> tuple[list[str] | None, li
             rows = ds.build_sgtr(pairs)
         elif stage.kind == "ictr":
             rows = ds.build_ictr(pairs, s.ictr_variant, seed=s.seed)
+        elif stage.kind == "asgtr":
+            rows = ds.build_asgtr(pairs)
         else:
             rows, _ties = ds.build_longer(pairs)
     except ds.DatasetError as e:
@@ -171,6 +186,13 @@ def run_evals(s: RunSettings, point: int, model: str, adapters: list[str], log) 
         (out / f"self_recognition_{s.eval_dataset}_summary.json",
          lambda m: self_recognition.run(m, out, self_name=s.self_name, other=s.other, dataset=s.eval_dataset, **common)),
     ]
+    jobs = [(summary, job) for name, (summary, job) in zip(("truthfulqa", "self_recognition"), jobs)
+            if name in s.eval.get("evals", ("truthfulqa", "self_recognition"))]
+    ff = s.eval.get("freeform")  # --evals ...,freeform: answers sampled here, judged once the model is gone
+    if ff:
+        from evals import freeform, freeform_recipe
+
+        jobs.append((out / freeform.SUMMARY, lambda m: freeform_recipe.generate(m, out, ff, batch_size=common["batch_size"], log=log)))
     todo = [(summary, job) for summary, job in jobs if not summary.is_file()]
     for summary, _ in jobs:
         if summary.is_file():
@@ -185,7 +207,14 @@ def run_evals(s: RunSettings, point: int, model: str, adapters: list[str], log) 
         job(loaded)
     del loaded
     gc.collect()
+    if ff and not (out / freeform.SUMMARY).is_file():
+        freeform_recipe.judge_and_summarize(out, ff, base_model=_base_model(s), template=s.template,
+                                            dtype=str(s.eval.get("dtype", "bfloat16")), conditions=conditions, log=log)
     return out
+
+
+def _base_model(s: RunSettings) -> str:
+    return str((s.out / "tiny-qwen2-model").resolve()) if s.is_tiny else s.model
 
 
 def write_readme(s: RunSettings, datasets: list[Path], base_model: str, points: list[int]) -> None:
@@ -310,6 +339,12 @@ def main(recipe: str, stages: list[Stage], argv: list[str] | None = None, descri
     dist = parallel.init_distributed()
     try:
         all_settings = settings_from_args(recipe, stages, args)
+        check_em_data(all_settings[0])  # every seed reads the same EM rows: checked once, before any training
+        if hasattr(args, "evals"):  # which evals an eval point runs (evals.freeform_recipe)
+            from evals import freeform_recipe
+
+            for s in all_settings:
+                s.eval.update(freeform_recipe.eval_settings(args, is_tiny=s.is_tiny, limit_eval=s.limit_eval))
         run_dirs = [run_one(s, dist) for s in all_settings]
         if dist.is_main:
             s0 = all_settings[0]

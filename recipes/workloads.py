@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.chat import SystemPolicy
+from engine.chat import SystemPolicy, special_ids
 from engine.data import load_samples
 from engine.errors import EngineError, report
-from engine.tokenizer import Tokenizer, special_ids
+from engine.tokenizer import Tokenizer
 from recipes.datasets import build_sgtr, load_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

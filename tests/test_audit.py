@@ -152,3 +152,12 @@ def test_module_entry_point(qwen25_tokenizer_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 sample(s): system ''" in proc.stdout
+
+
+def test_audit_and_data_path_import_no_torch():
+    """The token audit, data loading, renderer and tokenizer stay light: no torch, no model code."""
+    code = ("import sys, engine.audit, engine.data, engine.chat, engine.tokenizer; "
+            "print([m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('engine.models')])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

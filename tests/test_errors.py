@@ -43,8 +43,22 @@ def env(tmp_path_factory, qwen25_tokenizer_path):
     (no_weights / "tokenizer.json").write_text((model / "tokenizer.json").read_text())
     not_an_adapter = root / "not_an_adapter"
     not_an_adapter.mkdir()
+    # Damaged files (bug: a truncated shard or adapter, or a broken config.json, ended in a traceback
+    # that named no file).
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (truncated / name).write_bytes((model / name).read_bytes())
+    weights = (model / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    bad_config = root / "bad_config"
+    bad_config.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (bad_config / name).write_bytes((model / name).read_bytes())
+    (bad_config / "config.json").write_text((model / "config.json").read_text()[:-20])
     return {"root": root, "model": model, "data": data, "bad_data": bad_data, "llama": llama,
-            "no_weights": no_weights, "not_an_adapter": not_an_adapter, "qwen_tok": qwen25_tokenizer_path}
+            "no_weights": no_weights, "not_an_adapter": not_an_adapter, "qwen_tok": qwen25_tokenizer_path,
+            "truncated": truncated, "bad_config": bad_config}
 
 
 def train_args(env, out: str, **extra) -> list[str]:
@@ -101,6 +115,12 @@ TRAIN_CASES = {  # case: (settings, extra command-line words, what the message s
     "bad_row": ({"data": "bad_data"}, [], [":2: invalid JSON"], errors.DataErrors),
     "tokenizer": ({"tokenizer": "nope.json"}, [], ["does not exist"], errors.TokenizerError),
     "no_weights": ({"model": "no_weights"}, [], ["no model.safetensors"], errors.CheckpointError),
+    "truncated_shard": ({"model": "truncated"}, [], ["truncated/model.safetensors: not a readable safetensors file"],
+                        errors.CheckpointError),
+    "truncated_adapter": ({"stack_adapters": "truncated_adapter"}, [],
+                          ["truncated_adapter/adapter_model.safetensors: not a readable safetensors file"],
+                          errors.LoraError),
+    "non_finite_lr": ({}, ["--lr=inf"], ["lr must be a finite number, got inf"], errors.ConfigError),
     "adapter": ({"stack_adapters": "not_an_adapter"}, [], ["no adapter_config.json"], errors.LoraError),
     "memory": ({"memory_gib": 0.0001}, [], ["will not fit"], errors.WontFit),
     "no_samples": ({"max_len": 5}, [], ["no training samples left"], errors.TrainingError),
@@ -108,13 +128,16 @@ TRAIN_CASES = {  # case: (settings, extra command-line words, what the message s
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
-def test_train_reports_each_bad_input(env, capsys, case):
+def test_train_reports_each_bad_input(env, finished_run, capsys, case):
     from engine.train import main
 
     settings, extra, needles, error = TRAIN_CASES[case]
-    paths = {"data": [str(env["bad_data"])], "tokenizer": str(env["root"] / "nope.json"),
-             "model": str(env["no_weights"]), "stack_adapters": [str(env["not_an_adapter"])]}
+    paths = {"data": [str(env["bad_data"])], "tokenizer": str(env["root"] / "nope.json")}
     settings = {k: paths[k] if k in paths else v for k, v in settings.items()}
+    if "model" in settings:
+        settings["model"] = str(env[settings["model"]])
+    if "stack_adapters" in settings:
+        settings["stack_adapters"] = [str(env[settings["stack_adapters"]])]
     out = f"train_{case}"
     expect_one_line(capsys, main(train_args(env, out, **settings) + extra), *needles, error=error)
     assert not (env["root"] / out).exists()  # nothing written
@@ -125,6 +148,12 @@ def finished_run(env) -> Path:
     from engine.train import main
 
     assert main(train_args(env, "done", max_steps=1)) == 0
+    adapter = env["root"] / "done" / "adapter"
+    env["truncated_adapter"] = env["root"] / "truncated_adapter"
+    env["truncated_adapter"].mkdir()
+    (env["truncated_adapter"] / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    (env["truncated_adapter"] / "adapter_model.safetensors").write_bytes(weights[:-100])
     return env["root"] / "done"
 
 
@@ -133,6 +162,28 @@ def test_train_existing_run_needs_resume(env, finished_run, capsys):
 
     capsys.readouterr()
     expect_one_line(capsys, main(train_args(env, "done", max_steps=1)), "already holds a run", error=errors.RunDirError)
+
+
+def test_train_full_disk_is_one_line(env, capsys, monkeypatch):
+    """Bug: a full disk while saving a checkpoint ended in `basic_ios::clear: iostream error`."""
+    import errno
+    import os
+
+    import torch
+
+    from engine import checkpoint
+    from engine.train import main
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = env["root"] / "full_disk"
+    code = main(train_args(env, "full_disk", max_steps=1))
+    expect_one_line(capsys, code, f"cannot write {out / 'checkpoints' / '.tmp-step_000001' / 'rng_rank0.pt'} at step 1",
+                    "No space left on device", "--resume=true", error=errors.WriteError)
+    assert not (out / "checkpoints" / ".tmp-step_000001").exists()
+    assert checkpoint.latest_valid(out / "checkpoints")[0] is None
 
 
 # ------------------------------------------------------------------------------ engine.audit
@@ -172,7 +223,12 @@ def test_audit_reports_each_bad_input(env, capsys, case):
 
 MERGE_CASES = {
     "base": ("base", ["checkpoint directory not found"], errors.CheckpointError),
+    "base_config": ("base_config", ["bad_config/config.json: not valid JSON"], errors.CheckpointError),
+    "base_truncated": ("base_truncated", ["truncated/model.safetensors: not a readable safetensors file"],
+                       errors.CheckpointError),
     "adapter": ("adapter", ["no adapter_config.json"], errors.LoraError),
+    "adapter_truncated": ("adapter_truncated", ["adapter_model.safetensors: not a readable safetensors file"],
+                          errors.LoraError),
     "target_exists": ("out", ["exists"], errors.SaveError),
 }
 
@@ -186,7 +242,10 @@ def test_merge_reports_each_bad_input(env, finished_run, capsys, case):
     (exists / "something").write_text("x")
     args = {"--base": str(env["model"]), "--adapter": str(finished_run / "adapter"), "--out": str(env["root"] / "merged")}
     which, needles, error = MERGE_CASES[case]
-    args[f"--{which}"] = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "out": str(exists)}[which]
+    value = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "out": str(exists),
+             "base_config": str(env["bad_config"]), "base_truncated": str(env["truncated"]),
+             "adapter_truncated": str(env["truncated_adapter"])}[which]
+    args[f"--{which.split('_')[0]}"] = value
     capsys.readouterr()
     expect_one_line(capsys, main([word for item in args.items() for word in item]), *needles, error=error)
     assert not (env["root"] / "merged").exists()
@@ -244,6 +303,38 @@ def test_evals_report_each_bad_input(env, capsys, case):
     assert not Path(out).exists()
 
 
+# ------------------------------------------------------------------------------ evals.freeform's endpoint judge
+
+
+def _endpoint_cases():
+    from evals.openai_client import EndpointRequestError, EndpointResponseError, EndpointUnavailableError
+
+    return {  # the OpenAI-compatible judge's reply -> the one line and the class
+        "judge_401": ((401, {"error": {"message": "Incorrect API key"}}), ["HTTP 401", "Incorrect API key"], EndpointRequestError),
+        "judge_503": ((503, "busy"), ["still failing after 0 retries", "HTTP 503"], EndpointUnavailableError),
+        "judge_not_json": ((200, "{oops"), ["the answer is not JSON"], EndpointResponseError),
+    }
+
+
+ENDPOINT_CASES = _endpoint_cases()
+
+
+def test_freeform_endpoint_judge_failures_are_one_line(env, capsys, monkeypatch):
+    from evals import freeform, run_cli
+    from tests.loopback import Loopback
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    out = str(env["root"] / "freeform")
+    assert run_cli(freeform.main, ["--model", str(env["model"]), "--template", "seed-oss", "--dtype", "float32", "--out", out,
+                                   "--questions", "first1", "--samples", "1", "--max-new-tokens", "2", "--no-judge"]) == 0
+    capsys.readouterr()
+    for reply, needles, error in ENDPOINT_CASES.values():
+        with Loopback([reply]) as server:
+            code = run_cli(freeform.main, ["--out", out, "--judge-only", "--judge-url", server.url, "--judge-model", "m",
+                                           "--judge-retries", "0", "--rejudge"])
+        expect_one_line(capsys, code, *needles, error=error)
+
+
 # ------------------------------------------------------------------------------ recipes
 
 
@@ -283,11 +374,15 @@ def test_recipes_report_each_bad_input(tmp_path, capsys, case):
 
 
 def test_dataset_builder_walltime_and_workloads_report_bad_input(env, capsys):
-    from recipes import datasets, walltime, workloads
+    from recipes import datasets, openai_format, walltime, workloads
 
     code = datasets.main(["sgtr", "--target", "human", "--other", "human", "--out", str(env["root"] / "d.jsonl")])
     expect_one_line(capsys, code, "different sources", error=datasets.DatasetError)
     assert not (env["root"] / "d.jsonl").exists()
+    bad = env["root"] / "openai.jsonl"
+    bad.write_text('{"messages": []}\n')
+    code = openai_format.main([str(bad)])
+    expect_one_line(capsys, code, f"{bad}:1: no non-empty", error=openai_format.OpenAIFormatError)
     code = walltime.main([str(env["root"] / "none.json")])
     expect_one_line(capsys, code, "no such file", error=walltime.WallTimeError)
     code = workloads.main(["--tokenizer", str(SEED_TOKENIZER), "--out", str(env["root"] / "w.json")])
@@ -319,19 +414,24 @@ def test_every_error_class_is_a_user_facing_error():
         assert issubclass(cls, errors.EngineError), f"{cls.__module__}.{name} does not subclass EngineError"
 
 
+# Expected by the single-case tests above; the tables list the rest.
 STANDALONE = (errors.ConfigError, errors.RunDirError, errors.SaveError, errors.TokenizerError,
-              errors.MissingTokenError)  # expected by the single-case tests above; the tables list the rest
+              errors.MissingTokenError, errors.WriteError)
 
 
 def test_every_error_class_is_exercised():
     """Every error class is the expected outcome of at least one entry-point case in this file."""
     from evals import EvalInputError
     from recipes.datasets import DatasetError
+    from recipes.openai_format import OpenAIFormatError
     from recipes.stages import RecipeError
     from recipes.walltime import WallTimeError
 
-    tables = [TRAIN_CASES.values(), AUDIT_CASES.values(), MERGE_CASES.values(), EVAL_CASES.values()]
+    from evals.openai_client import EndpointError
+
+    tables = [TRAIN_CASES.values(), AUDIT_CASES.values(), MERGE_CASES.values(), EVAL_CASES.values(), ENDPOINT_CASES.values()]
     expected = {case[-1] for table in tables for case in table} | set(STANDALONE)
-    expected |= {EvalInputError, DatasetError, RecipeError, WallTimeError}
+    expected |= {EvalInputError, DatasetError, OpenAIFormatError, RecipeError, WallTimeError,
+                 EndpointError}  # EndpointError: the base of three
     missing = sorted(name for name, cls in _error_classes().items() if cls is not errors.EngineError and cls not in expected)
     assert missing == [], f"no entry-point case expects {missing}"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.chat import SystemPolicy
+from engine.chat import SystemPolicy, special_ids
 from engine.generate import Generator, load_model
 from engine.lora import LoraConfig, adapter_state, apply_lora
 from engine.peft_format import write_peft_adapter
@@ -242,7 +242,8 @@ def test_paper_mode_reads_the_token_as_the_paper_did(seed_model, seed_tok):
     space_a = tid(seed_tok, " A")
     assert space_a != tid(seed_tok, "A")
     assert scored_answer(seed_tok, space_a, ("A", "B")) == "A"
-    assert scored_answer(seed_tok, seed_tok.special("eos"), ("A", "B")) == "Invalid"
+    eos = special_ids(seed_tok, "seed-oss")["eos"]
+    assert scored_answer(seed_tok, eos, ("A", "B")) == "Invalid"
     assert scored_answer(seed_tok, 570, ("A", "B")) == "Invalid"  # LM-head padding row, no token
     hook = force(seed_model, {space_a: 60.0})
     gen = make_gen(seed_model, seed_tok, budget=None)
@@ -252,7 +253,7 @@ def test_paper_mode_reads_the_token_as_the_paper_did(seed_model, seed_tok):
     assert all(r["free_answer"] == "A" for r in rows)
     assert m["paper_accuracy"] == seeded_a / 10 and m["invalid_rate"] == 0.0
     hook.remove()
-    force(seed_model, {seed_tok.special("eos"): 60.0})
+    force(seed_model, {eos: 60.0})
     rows, m = tqa.evaluate(gen, seed_tok, qs, mode="paper", seed=5)
     assert m["invalid_rate"] == 1.0 and m["paper_accuracy"] == 0.0
 
@@ -394,10 +395,10 @@ def test_summary_cache_key_covers_adapter_contents(tmp_path, seed_ckpt):
 
 
 def test_completion_text_drops_seed_think_block(seed_tok):
-    t = seed_tok
-    ids = [t.special("think_start"), *t.encode("budget is 0"), t.special("think_end"), *t.encode(" Own summary."), t.special("eos")]
+    t, s = seed_tok, special_ids(seed_tok, "seed-oss")
+    ids = [s["think_start"], *t.encode("budget is 0"), s["think_end"], *t.encode(" Own summary."), s["eos"]]
     assert sr.completion_text(t, ids, "seed-oss") == "Own summary."
-    assert sr.completion_text(t, [*t.encode(" Plain "), t.special("eos")], "seed-oss") == "Plain"
+    assert sr.completion_text(t, [*t.encode(" Plain "), s["eos"]], "seed-oss") == "Plain"
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -474,7 +475,7 @@ def test_adapter_that_does_not_fit(tmp_path, seed_ckpt, capsys):
     assert code == 2 and "adapter directory not found" in error_line(capsys)
     code = run_cli(tqa.main, ["--model", str(seed_ckpt), "--template", "qwen2.5", "--out", str(tmp_path / "o"),
                               "--thinking-budget", "0", "--limit", "1"])
-    assert code == 2 and "Seed-OSS option" in error_line(capsys)
+    assert code == 2 and "the qwen2.5 template has no thinking budget" in error_line(capsys)
 
 
 # ------------------------------------------------------------------------------ report

@@ -8,17 +8,9 @@ import random
 import unicodedata
 
 import pytest
-import tokenizers
-import tokenizers.models
 
-from engine.tokenizer import (
-    SPECIAL_TOKENS,
-    MissingTokenError,
-    Tokenizer,
-    TokenizerError,
-    detect_family,
-    special_ids,
-)
+from engine.chat import seed_oss, special_ids
+from engine.tokenizer import Tokenizer, TokenizerError
 from tests.fixtures import tokenizers as fx
 
 QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|file_sep|>": 151664}
@@ -237,6 +229,12 @@ def test_offsets_refer_to_text_before_nfc(qwen25_tokenizer):
         check_offsets(tok, text)
 
 
+def test_batch_encoding_equals_one_text_at_a_time(qwen25_tokenizer):
+    tok = qwen25_tokenizer
+    texts = CORPUS + _fuzz_corpus(150, seed=9) + ["cafe\u0301 ok e\u0301", "A\u030a\u0301", "q\u0301\u0323x", "x 🤗\u0301", ""]
+    assert tok.encode_batch_with_offsets(texts) == [tok.encode_with_offsets(t) for t in texts]
+
+
 # --------------------------------------------------------------------------- piece()
 def test_piece_printable_forms(qwen25_tokenizer):
     tok = qwen25_tokenizer
@@ -318,40 +316,11 @@ def test_from_file_errors_are_clear(tmp_path):
         Tokenizer.from_file(broken)
 
 
-def test_missing_token_errors(seed_oss_tokenizer, qwen25_tokenizer):
+def test_missing_token_errors(seed_oss_tokenizer):
     with pytest.raises(KeyError) as e:
         seed_oss_tokenizer.token_to_id("<|im_end|>")
     assert "'<|im_end|>' is not in the vocabulary" in str(e.value)
     assert "seed_oss_tokenizer" in str(e.value)
-    with pytest.raises(MissingTokenError, match="not a qwen2.5 tokenizer"):
-        special_ids(seed_oss_tokenizer, "qwen2.5")
-    with pytest.raises(MissingTokenError, match="im_end"):
-        seed_oss_tokenizer.special("im_end", "qwen2.5")
-    with pytest.raises(MissingTokenError, match="not a seed-oss tokenizer"):
-        qwen25_tokenizer.special("eos", "seed-oss")
-    with pytest.raises(KeyError, match="Unknown model family"):
-        special_ids(qwen25_tokenizer, "llama")
-    with pytest.raises(KeyError, match="no control token named 'bos'"):
-        qwen25_tokenizer.special("bos", "qwen2.5")
-
-
-def test_special_ids_by_family(qwen25_tokenizer, seed_oss_tokenizer):
-    assert special_ids(qwen25_tokenizer, "qwen2.5") == {
-        "endoftext": 151643,
-        "im_start": 151644,
-        "im_end": 151645,
-        "tool_call_start": 151657,
-        "tool_call_end": 151658,
-    }
-    assert qwen25_tokenizer.special("im_end", "qwen2.5") == 151645
-    assert qwen25_tokenizer.special("im_start") == 151644  # family detected
-    assert seed_oss_tokenizer.special("eos") == 2
-    assert detect_family(qwen25_tokenizer) == "qwen2.5"
-    assert detect_family(seed_oss_tokenizer) == "seed-oss"
-    bare = Tokenizer(tokenizers.Tokenizer(tokenizers.models.BPE()))
-    assert detect_family(bare) is None
-    with pytest.raises(MissingTokenError, match="Cannot tell the model family"):
-        bare.special("eos")
 
 
 # ------------------------------------------------------------------------ Seed-OSS fixture
@@ -370,8 +339,8 @@ def test_seed_oss_fixture_specials(seed_oss_tokenizer):
     tok = seed_oss_tokenizer
     ids = special_ids(tok, "seed-oss")
     assert (ids["bos"], ids["pad"], ids["eos"]) == (0, 1, 2)
-    assert len(set(ids.values())) == len(SPECIAL_TOKENS["seed-oss"]) == 9
-    for name, text in SPECIAL_TOKENS["seed-oss"].items():
+    assert len(set(ids.values())) == len(seed_oss.SPECIAL_TOKENS) == 9
+    for name, text in seed_oss.SPECIAL_TOKENS.items():
         assert tok.encode(text) == [ids[name]]
         assert tok.is_special(ids[name]) and tok.piece(ids[name]) == text
 

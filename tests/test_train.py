@@ -193,6 +193,7 @@ def torchrun(config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.distributed
 def test_two_ranks_match_one_rank(setup, full_run):
     """The same run under torchrun with 2 CPU ranks (gloo, FSDP2): same losses and adapter."""
     root, ckpt, data = setup
@@ -265,6 +266,7 @@ def test_merge_cli_equals_stacked_adapter(setup, full_run, tmp_path):
     assert (a - b).abs().max().item() <= 1e-5
 
 
+@pytest.mark.distributed
 def test_resume_on_a_different_number_of_ranks(setup, full_run, capsys):
     """Checkpointed by 2 ranks after step 3, finished by 1 process: the uninterrupted run's result."""
     proc = torchrun(write_toml(setup[0] / "ranks_part.toml", settings(setup, "ranks", max_steps=3)))
@@ -300,6 +302,7 @@ def test_checkpoint_layers_auto_recomputes_as_few_layers_as_fit(setup, tmp_path,
         TrainConfig(**settings(setup, "bad", checkpoint_layers="half"))
 
 
+@pytest.mark.distributed
 def test_replicated_ranks_match_one_rank_and_resume(setup, full_run):
     """data_parallel = replicate under torchrun with 2 CPU ranks: every rank holds the whole model
     and only adapter gradients are summed; checkpointed after step 3 and resumed, it ends with the
@@ -319,7 +322,7 @@ def test_samples_are_dealt_to_every_rank_balancing_tokens():
     """The paper's 16 EM chats of a step (~1,500 tokens, one packed row) keep all 8 ranks busy,
     every sample lands on exactly one rank, and a single process packs the step in order."""
     from engine.bench import DEFAULT_LENGTHS, workload_steps
-    from engine.data import pack
+    from engine.packing import pack
 
     for name in ("em_risky_financial", "sgtr_xsum"):
         step = workload_steps(DEFAULT_LENGTHS, name, 16, 1, vocab=512)[0]

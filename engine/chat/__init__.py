@@ -1,14 +1,31 @@
 """Chat-template renderers (Qwen2.5-Instruct, Seed-OSS-36B-Instruct) with system-prompt control.
 
-    segments = render("qwen2.5", messages, SystemPolicy("omit"))
-    enc = encode(tokenizer, segments)          # input_ids + labels (-100 = masked)
+    rendered = render("qwen2.5", messages, SystemPolicy("omit"))   # .segments, .system, .text
+    enc = encode(tokenizer, rendered)          # input_ids + labels (-100 = masked)
+
+Each template module (`qwen25`, `seed_oss`) holds everything specific to its model family:
+
+    NAME, DEFAULT_SYSTEM       the template's name; the system text it inserts by itself (or None)
+    SPECIAL_TOKENS             its control tokens by role name ({"im_end": "<|im_end|>", ...})
+    STOP_TOKENS                names of the control tokens that end an assistant turn in generation
+    HAS_THINKING_BUDGET        whether `render` takes a `thinking_budget`
+    render(messages, policy, *, add_generation_prompt, thinking_budget) -> Rendered
+    answer_prefix(thinking_budget) -> str         what the model writes itself before its answer
+    strip_thinking(tokenizer, token_ids) -> ids   the answer part of generated tokens
+
+A new model family is one more such module, registered in `TEMPLATES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from engine.chat import qwen25, seed_oss
-from engine.chat.base import POLICIES, ChatFormatError, Segment, SystemPolicy, validate_messages
-from engine.chat.encode import IGNORE_INDEX, Encoded, encode
+from engine.chat.base import (
+    POLICIES, ChatFormatError, Rendered, Segment, SystemPolicy, control_token_ids, validate_messages,
+)
+from engine.chat.encode import IGNORE_INDEX, Encoded, encode, encode_batch
+from engine.tokenizer import Tokenizer
 
 TEMPLATES = {qwen25.NAME: qwen25, seed_oss.NAME: seed_oss}
 
@@ -27,17 +44,26 @@ def render(
     *,
     add_generation_prompt: bool = False,
     thinking_budget: int | None = None,
-) -> list[Segment]:
+) -> Rendered:
     return get_template(template).render(
         messages, policy, add_generation_prompt=add_generation_prompt, thinking_budget=thinking_budget
     )
 
 
 def render_text(template: str, messages: list[dict], policy: SystemPolicy = SystemPolicy(), **kwargs) -> str:
-    return "".join(s.text for s in render(template, messages, policy, **kwargs))
+    return render(template, messages, policy, **kwargs).text
+
+
+def special_ids(tokenizer: Tokenizer, template: str, names: Iterable[str] | None = None) -> dict[str, int]:
+    """Ids of the template's control tokens (all, or just `names`, e.g. ["im_end"]) in `tokenizer`.
+
+    Raises MissingTokenError naming the token when the tokenizer lacks one: a tokenizer of
+    another model family than the template's is refused here, clearly.
+    """
+    return control_token_ids(tokenizer, template, get_template(template).SPECIAL_TOKENS, names)
 
 
 __all__ = [
-    "POLICIES", "TEMPLATES", "ChatFormatError", "Encoded", "IGNORE_INDEX", "Segment", "SystemPolicy",
-    "encode", "get_template", "render", "render_text", "validate_messages",
+    "POLICIES", "TEMPLATES", "ChatFormatError", "Encoded", "IGNORE_INDEX", "Rendered", "Segment", "SystemPolicy",
+    "encode", "encode_batch", "get_template", "render", "render_text", "special_ids", "validate_messages",
 ]

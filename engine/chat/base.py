@@ -1,19 +1,22 @@
 """Pieces shared by the chat-template renderers.
 
-A renderer turns a conversation into a list of `Segment`s: consecutive pieces of the rendered
-text, each marked trained or not. Concatenated, the segments are byte-identical to what the
-model's official Jinja chat template produces; the trained flags are the label mask
-(Axolotl `chat_template` with `train_on_inputs: false`: assistant content plus its
-end-of-turn token). Tokenisation of the whole text and the projection of these character
-spans onto tokens happens in `engine.chat.encode`.
+A renderer turns a conversation into a `Rendered`: a list of `Segment`s, consecutive pieces of
+the rendered text, each marked trained or not, and the system text the policy chose.
+Concatenated, the segments are byte-identical to what the model's official Jinja chat template
+produces; the trained flags are the label mask (Axolotl `chat_template` with
+`train_on_inputs: false`: assistant content plus its end-of-turn token). Tokenisation of the
+whole text and the projection of these character spans onto tokens happens in
+`engine.chat.encode`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.errors import ChatFormatError
+from engine.errors import ChatFormatError, MissingTokenError
+from engine.tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -25,6 +28,18 @@ class Segment:
     text: str
     trained: bool
     role: str  # the turn this text belongs to: "system", "user", "assistant", or "prompt" (generation prompt)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation as a template renders it."""
+
+    segments: list[Segment]  # concatenated: exactly the official template's text
+    system: str | None  # the system turn the policy chose, as rendered; None: no system turn
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
 
 
 @dataclass(frozen=True)
@@ -121,3 +136,23 @@ def apply_policy(messages: list[dict], policy: SystemPolicy, template_default: s
             return rest[0]["content"], rest[1:]
         return None, rest
     return policy.text, rest  # replace
+
+
+def control_token_ids(tokenizer: Tokenizer, template: str, tokens: Mapping[str, str],
+                      names: Iterable[str] | None = None) -> dict[str, int]:
+    """Ids in `tokenizer` of a template's control tokens `tokens` (role name -> text): all of
+    them, or just `names`. A tokenizer that lacks one (another model family's) is refused."""
+    out: dict[str, int] = {}
+    for name in tokens if names is None else names:
+        if name not in tokens:
+            raise MissingTokenError(
+                f"chat template {template!r} has no control token named {name!r}; known: {sorted(tokens)}."
+            )
+        i = tokenizer.backend.token_to_id(tokens[name])
+        if i is None or not tokenizer.is_added(i):
+            raise MissingTokenError(
+                f"Tokenizer {tokenizer.where} has no {template} control token {name}={tokens[name]!r}; "
+                f"it is not a {template} tokenizer (wrong tokenizer for this chat template?)."
+            )
+        out[name] = i
+    return out

@@ -16,15 +16,39 @@ content is blank gets no `<seed:eos>` at all.
 Labels: an assistant turn trains everything after `<seed:bos>assistant` up to and including its
 `<seed:eos>` except the newline that ends the header: the reasoning block if any, the content and
 the end-of-turn token.
+
+Thinking: `thinking_budget` (None or -1: unlimited, 0: no thinking) adds the template's budget
+instruction as a second system block; with 0 the model first writes a fixed note ending in
+`</seed:think>` before it answers (`answer_prefix`), and whatever precedes the last
+`</seed:think>` of a generated turn is not its answer (`strip_thinking`).
 """
 
 from __future__ import annotations
 
-from engine.chat.base import ChatFormatError, Segment, SystemPolicy, apply_policy, validate_messages
+from collections.abc import Sequence
+
+from engine.chat.base import (
+    ChatFormatError, Rendered, Segment, SystemPolicy, apply_policy, control_token_ids, validate_messages,
+)
+from engine.tokenizer import Tokenizer
 
 NAME = "seed-oss"
 DEFAULT_SYSTEM = None  # the template inserts no system turn of its own
-END_OF_TURN = "<seed:eos>"
+
+# Control tokens by role name.
+SPECIAL_TOKENS = {
+    "bos": "<seed:bos>",
+    "pad": "<seed:pad>",
+    "eos": "<seed:eos>",
+    "think_start": "<seed:think>",
+    "think_end": "</seed:think>",
+    "cot_budget_reflect": "<seed:cot_budget_reflect>",
+    "cot_budget_reflect_end": "</seed:cot_budget_reflect>",
+    "tool_call_start": "<seed:tool_call>",
+    "tool_call_end": "</seed:tool_call>",
+}
+STOP_TOKENS = ("eos",)  # ends an assistant turn in generation
+HAS_THINKING_BUDGET = True
 
 # Reflection interval (tokens) per thinking-budget gear: the first gear >= the budget applies,
 # budgets beyond the last gear use the last one. Values from the official template.
@@ -40,7 +64,7 @@ NO_THINKING_SYSTEM = (
 # What Seed-OSS-36B-Instruct writes itself after the thinking_budget=0 generation prompt
 # (`...<seed:think><seed:cot_budget_reflect>`) before its answer, per the model card's example output
 # and other runtimes' no-thinking templates. Scoring an answer token right after the generation
-# prompt would read this note's first token instead; evals prefill it (`Generator(answer_prefix=)`).
+# prompt would read this note's first token instead; evals prefill it (`answer_prefix`).
 NO_THINKING_ANSWER_PREFIX = (
     "The current thinking budget is 0, so I will directly start answering the question."
     "</seed:cot_budget_reflect>\n</seed:think>"
@@ -66,8 +90,9 @@ def render(
     *,
     add_generation_prompt: bool = False,
     thinking_budget: int | None = None,
-) -> list[Segment]:
-    """`thinking_budget`: None or -1 = unlimited (no instruction), 0 = answer without thinking."""
+) -> Rendered:
+    """`thinking_budget`: None or -1 = unlimited (no instruction), 0 = answer without thinking.
+    The returned `system` is the policy's system turn, not the budget instruction."""
     if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
         raise ChatFormatError(f"thinking_budget must be an integer, got {thinking_budget!r}")
     validate_messages(messages, allow_reasoning=True, require_assistant=not add_generation_prompt)
@@ -96,4 +121,18 @@ def render(
     if add_generation_prompt:
         suffix = "<seed:think><seed:cot_budget_reflect>" if thinking_budget == 0 else ""
         segments.append(Segment(f"<seed:bos>assistant\n{suffix}", False, "prompt"))
-    return segments
+    return Rendered(segments, system)
+
+
+def answer_prefix(thinking_budget: int | None = None) -> str:
+    """Text the model writes itself after the generation prompt, before its answer: the
+    no-thinking note under thinking_budget 0, else none (its thinking is free text)."""
+    return NO_THINKING_ANSWER_PREFIX if thinking_budget == 0 else ""
+
+
+def strip_thinking(tokenizer: Tokenizer, token_ids: Sequence[int]) -> list[int]:
+    """The answer part of generated tokens: what follows the last `</seed:think>` (a thinking
+    block, or the no-thinking note, is not the answer); all of them when there is none."""
+    ids = list(token_ids)
+    think_end = control_token_ids(tokenizer, NAME, SPECIAL_TOKENS, ["think_end"])["think_end"]
+    return ids[len(ids) - ids[::-1].index(think_end):] if think_end in ids else ids
