@@ -42,28 +42,87 @@ def _gpu_marked(decorators) -> bool:
     return any(ast.unparse(d) == "pytest.mark.gpu" for d in decorators)
 
 
+def _cuda_names(tree: ast.Module) -> set[str]:
+    """Module-level names bound to something that asks for CUDA, in order: ``CUDA =
+    torch.cuda.is_available()``, then ``gpu = pytest.mark.skipif(not CUDA, ...)``."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and _mentions_cuda(node.value, names):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _mentions_cuda(node: ast.AST, names: set[str]) -> bool:
+    text = ast.unparse(node)
+    return "cuda.is_available" in text or "device_count" in text or any(
+        isinstance(n, ast.Name) and n.id in names for n in ast.walk(node))
+
+
+def _cuda_only(test: ast.FunctionDef, names: set[str], module_skip: bool) -> bool:
+    """Skipped without CUDA: a skipif decorator on CUDA (directly or through a module-level name),
+    a module-level ``pytestmark`` that does so, or a ``pytest.skip`` under an ``if`` on CUDA."""
+    if module_skip:
+        return True
+    for d in test.decorator_list:
+        if (isinstance(d, ast.Name) and d.id in names) or ("skip" in ast.unparse(d) and _mentions_cuda(d, names)):
+            return True
+    return any(isinstance(n, ast.If) and _mentions_cuda(n.test, names) and "pytest.skip" in ast.unparse(n)
+               for n in ast.walk(test))
+
+
 def test_every_cuda_only_test_is_marked_gpu():
-    """A test skipped without CUDA (skipif on torch.cuda.is_available, directly or through a
-    module-level name) must carry @pytest.mark.gpu, or gpu_check.sh's `-m gpu` misses it."""
+    """A test skipped without CUDA must carry @pytest.mark.gpu, or gpu_check.sh's `-m gpu` misses it."""
     unmarked, marked = [], 0
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         tree = ast.parse(path.read_text())
-        aliases = set()
-        for node in tree.body:  # e.g. cuda = pytest.mark.skipif(not torch.cuda.is_available(), ...)
-            if isinstance(node, ast.Assign) and "skipif" in ast.unparse(node.value) and (
-                    "cuda.is_available" in ast.unparse(node.value) or "CUDA" in ast.unparse(node.value)):
-                aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        names = _cuda_names(tree)
+        module_marks = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in n.targets)]
+        module_skip = any("skip" in ast.unparse(m) and _mentions_cuda(m, names) for m in module_marks)
+        module_gpu = any("pytest.mark.gpu" in ast.unparse(m) for m in module_marks)
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
-                cuda_only = any((isinstance(d, ast.Name) and d.id in aliases)
-                                or ("skipif" in ast.unparse(d) and "cuda.is_available" in ast.unparse(d))
-                                for d in node.decorator_list)
-                if cuda_only:
-                    marked += _gpu_marked(node.decorator_list)
-                    if not _gpu_marked(node.decorator_list):
+                if _cuda_only(node, names, module_skip):
+                    if module_gpu or _gpu_marked(node.decorator_list):
+                        marked += 1
+                    else:
                         unmarked.append(f"{path.name}::{node.name}")
     assert not unmarked, f"CUDA-only tests without @pytest.mark.gpu: {unmarked}"
     assert marked >= 13
+
+
+def test_the_script_runs_every_file_with_gpu_tests():
+    """gpu_check.sh names its test files (cheap ones first): none holding a gpu-marked test is left out."""
+    listed = re.search(r"^test_files=\((.*?)\)", SCRIPT.read_text(), re.S | re.M)
+    assert listed, "test_files=(...) not found in the script"
+    named = set(re.findall(r"tests/(test_\w+\.py)", listed[1]))
+    with_gpu = {p.name for p in (ROOT / "tests").glob("test_*.py")
+                if p.name != "test_gpu_check.py" and "@pytest.mark.gpu" in p.read_text()}
+    assert with_gpu <= named, f"not run by gpu_check.sh: {sorted(with_gpu - named)}"
+    assert named <= {p.name for p in (ROOT / "tests").glob("test_*.py")}
+
+
+def test_the_cuda_only_test_finder_finds_each_form():
+    """The check above is not blind: each way a test says it needs CUDA is recognised."""
+    source = """
+import pytest, torch
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@gpu
+def test_alias(): pass
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_direct(): pass
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_through_name(): pass
+def test_in_body():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+def test_cpu(): pass
+"""
+    tree = ast.parse(source)
+    names = _cuda_names(tree)
+    found = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and _cuda_only(n, names, False)}
+    assert found == {"test_alias", "test_direct", "test_through_name", "test_in_body"}
 
 
 def test_dry_run_runs_every_step(tmp_path):
