@@ -184,15 +184,16 @@ def _elementwise_runs(dtype, tokens=4096) -> dict:
 
 def production_launches(cc: int, subset: str = "full") -> list[Launch]:
     """Every launch of the production shapes when the kernels target compute capability cc
-    (``subset="ci"``: Seed-OSS's dK/dV kernel with dropout, the one closest to the register
-    limit, and one RMSNorm kernel)."""
+    (``subset="ci"``: the three attention kernels of Seed-OSS with dropout and of Qwen without —
+    the kernels closest to the register limit, on each architecture's own tiles — and one RMSNorm
+    kernel)."""
     launches: list[Launch] = []
     if subset == "ci":
-        m = MODELS["seed-oss-36b"]
-        found = _record(cc, _attention_run(m["heads"], m["kv"], torch.bfloat16, DROPOUT, ROWS["1x4096"]),
-                        case=f"attention seed-oss-36b bf16 dropout {DROPOUT:g}", rows="1x4096", dtype="bf16",
-                        gated=True)
-        launches += [x for x in found if x.kernel.endswith("_dkdv_kernel")]
+        for name, p in (("seed-oss-36b", DROPOUT), ("qwen2.5-32b", 0.0)):
+            m = MODELS[name]
+            found = _record(cc, _attention_run(m["heads"], m["kv"], torch.bfloat16, p, ROWS["1x4096"]),
+                            case=f"attention {name} bf16 dropout {p:g}", rows="1x4096", dtype="bf16", gated=True)
+            launches += [x for x in found if not x.kernel.endswith("_preprocess")]
         case, run = next(iter(_elementwise_runs(torch.bfloat16).items()))
         found = _record(cc, run, case=f"{case} bf16", rows="", dtype="bf16", gated=True)
         return launches + [x for x in found if x.kernel.endswith("_rms_norm_fwd_kernel")]
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.compile_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     p.add_argument("--subset", choices=("full", "ci"), default="full",
-                   help="ci: the dK/dV and forward attention kernels and one RMSNorm kernel only")
+                   help="ci: forward, dQ and dK/dV attention kernels (Seed-OSS bf16 with dropout, Qwen bf16 without) and one RMSNorm kernel")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8), help="compile processes")
     p.add_argument("--json", metavar="PATH", help="also write every record as JSON")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")

@@ -1,12 +1,14 @@
 """Tiles per GPU generation, the attention launch order, and the offline compile report
 (kernels/compile_report.py): the real host functions recorded on meta tensors, compiled for sm_80
-and sm_90 with triton's bundled ptxas, no GPU. CI compiles a subset (Seed-OSS's dK/dV kernel with
-dropout, the closest to the register limit, and one RMSNorm kernel, ~20 CPU-seconds); the full
+and sm_90 with triton's bundled ptxas, no GPU. CI compiles a subset on both architectures (the
+forward, dQ and dK/dV attention kernels of Seed-OSS with dropout and of Qwen without, the kernels
+closest to the register limit, and one RMSNorm kernel: ~40 CPU-seconds, two processes); the full
 report (every production kernel, both architectures: minutes) is marked slow."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -164,12 +166,23 @@ def test_spills_and_shared_memory_fail_the_report():
 
 
 def test_ci_subset_compiles_without_spills_on_sm80_and_sm90(capsys):
-    assert cr.main(["--arch", "80,90", "--subset", "ci", "--jobs", "1"]) == 0
+    assert cr.main(["--arch", "80,90", "--subset", "ci", "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "_attn_bwd_dkdv_kernel" in printed and "_rms_norm_fwd_kernel" in printed
-    assert "OK: no gated kernel spills" in printed
-    rows = [line.split() for line in printed.splitlines() if line.startswith("_attn_bwd_dkdv_kernel")]
-    assert rows and all(cell != "FAILED" for cell in rows[0])
+    assert "OK: no gated kernel spills or exceeds shared memory" in printed
+    # Columns: kernel, case, sm_80 tiles, sm_80 figures, sm_90 tiles, sm_90 figures.
+    rows = {(r[0], r[1].split()[1]): r for r in (re.split(r"\s{2,}", line) for line in printed.splitlines())
+            if r[0].startswith("_attn_")}
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        for model, dropout in (("seed-oss-36b", True), ("qwen2.5-32b", False)):
+            row = rows[kernel, model]
+            assert len(row) == 6 and "FAILED" not in row, row
+            for cc, tiles in ((80, row[2]), (90, row[4])):  # the tiles tiles_for picks on each architecture
+                cfg = ka.tiles_for(cc, 128, dtype=torch.bfloat16, dropout=dropout)
+                m, n = {"_attn_fwd_kernel": (cfg.fwd_block_m, cfg.fwd_block_n),
+                        "_attn_bwd_dq_kernel": (cfg.dq_block_m, cfg.dq_block_n),
+                        "_attn_bwd_dkdv_kernel": (cfg.dkdv_block_m, cfg.dkdv_block_n)}[kernel]
+                assert tiles.startswith(f"M={m} N={n} "), (cc, row)
+    assert "_rms_norm_fwd_kernel" in printed
 
 
 @pytest.mark.slow
