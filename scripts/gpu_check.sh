@@ -34,8 +34,9 @@
 # slower machine.
 #
 # Liger: the GPU image has none and cannot download it; put liger_kernel-*.whl (`pip download
-# --no-deps liger-kernel`) in the repository root or beside the checkout, or name a wheel or a
-# folder holding one in LIGER_WHEEL. PYTHON picks the interpreter (default python3).
+# --no-deps liger-kernel`) beside the checkout (its parent folder), in the repository root, or in
+# the repository's .whl/ folder (ignored by git: copy it along with the working tree), or name a
+# wheel or a folder holding one in LIGER_WHEEL. PYTHON picks the interpreter (default python3).
 set -uo pipefail
 
 dry_run=0
@@ -71,7 +72,7 @@ step() {
 
 find_liger_wheel() {
     local where
-    for where in "${LIGER_WHEEL:-}" . ..; do
+    for where in "${LIGER_WHEEL:-}" .whl . ..; do
         [[ -n "$where" ]] || continue
         if [[ -f "$where" ]]; then echo "$where"; return; fi
         compgen -G "$where/liger_kernel-*.whl" > /dev/null && { ls "$where"/liger_kernel-*.whl | tail -n 1; return; }
@@ -82,7 +83,7 @@ install_liger() {
     if "$py" -c "import liger_kernel" 2> /dev/null; then echo "liger-kernel already importable"; return 0; fi
     local wheel
     wheel=$(find_liger_wheel)
-    if [[ -z "$wheel" ]]; then echo "no liger_kernel-*.whl found (LIGER_WHEEL, ., ..): no Liger rows"; return 0; fi
+    if [[ -z "$wheel" ]]; then echo "no liger_kernel-*.whl found (LIGER_WHEEL, .whl, ., ..): no Liger rows"; return 0; fi
     if (( dry_run )); then echo "would install $wheel"; return 0; fi
     "$py" -m pip install --no-index --no-deps "$wheel"
 }

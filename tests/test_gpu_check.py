@@ -158,14 +158,22 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "no liger_kernel-*.whl found" in (out / "liger.log").read_text()
 
 
-@pytest.mark.parametrize("where", ["root", "env"])
+@pytest.mark.parametrize("where", ["beside", "root", "dot-whl", "env"])
 def test_a_carried_liger_wheel_is_found(tmp_path, where):
-    """The dry run names the wheel it would install: beside the checkout or from LIGER_WHEEL."""
-    wheel_dir = tmp_path / "wheels"
-    wheel_dir.mkdir()
+    """The wheel is found beside the checkout, in its root, in its .whl/ folder, or from LIGER_WHEEL
+    (the script runs from the repository root)."""
+    checkout = tmp_path / "checkout"
+    wheel_dir = {"beside": tmp_path, "root": checkout, "dot-whl": checkout / ".whl", "env": tmp_path / "w"}[where]
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    checkout.mkdir(exist_ok=True)
     (wheel_dir / "liger_kernel-0.8.5-py3-none-any.whl").write_bytes(b"")
-    script = (f'source <(sed -n "/^find_liger_wheel()/,/^}}/p" {SCRIPT}); '
-              f'cd {wheel_dir if where == "root" else tmp_path}; find_liger_wheel')
+    script = f'source <(sed -n "/^find_liger_wheel()/,/^}}/p" {SCRIPT}); cd {checkout}; find_liger_wheel'
     env = dict(os.environ, LIGER_WHEEL=str(wheel_dir) if where == "env" else "")
     found = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True).stdout.strip()
-    assert found.endswith("liger_kernel-0.8.5-py3-none-any.whl")
+    assert found.endswith("liger_kernel-0.8.5-py3-none-any.whl"), found
+    empty = tmp_path / "empty" / "sub"  # neither it nor its parent holds a wheel
+    empty.mkdir(parents=True)
+    script = f'source <(sed -n "/^find_liger_wheel()/,/^}}/p" {SCRIPT}); cd {empty}; find_liger_wheel'
+    nothing = subprocess.run(["bash", "-c", script], env=dict(os.environ, LIGER_WHEEL=""), capture_output=True,
+                             text=True).stdout.strip()
+    assert nothing == ""
