@@ -155,7 +155,9 @@ def test_dry_run_runs_every_step(tmp_path):
     for section in ("ce", "elementwise", "attention"):
         rows = json.loads((out / f"kernels_{section}.json").read_text())["results"]
         assert rows and all(r["ms"] > 0 for r in rows), section
-    assert "no liger_kernel-*.whl found" in (out / "liger.log").read_text()
+    # A wheel carried into the checkout (or Liger installed) changes what the step says, not whether it passes.
+    assert re.search(r"no liger_kernel-\*\.whl found|would install \S*liger_kernel-\S*\.whl|already importable",
+                     (out / "liger.log").read_text())
 
 
 @pytest.mark.parametrize("where", ["beside", "root", "dot-whl", "env"])
