@@ -24,6 +24,8 @@
 #   kernels-flex          30  FlexAttention last (its compile is the slowest)           -
 #   tests-fp32            40  the fp32 attention test (16 x 16 tiles: 7 cold compiles)  -
 #   total                480  (limits; the budget of each step is an estimate until a GPU run measures it)
+#   Each limit is an estimated budget on an H200, not a measurement (kernels/BENCHMARKS.md says how
+#   each was estimated); fill in the last column from OUTDIR/steps.tsv after a GPU run.
 #
 #   bash scripts/gpu_check.sh OUTDIR
 #   bash scripts/gpu_check.sh --dry-run OUTDIR   # no GPU: every step in its CPU form (CI runs this)
