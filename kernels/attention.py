@@ -4,8 +4,9 @@ Layout is flash-attention's varlen layout: q (total_tokens, n_heads, head_dim), 
 (total_tokens, n_kv_heads, head_dim), samples packed back to back with ``cu_seqlens`` (int32,
 (n + 1,), rising from 0 to total_tokens) marking their boundaries. Attention never crosses a
 boundary; empty samples are allowed. Query head h reads KV head h // (n_heads // n_kv_heads), as
-HF's repeat_kv. bf16/fp16 inputs (fp32 works too: exact-precision dots, for tests), fp32 softmax
-statistics and accumulators; the log-sum-exp of every row is saved for backward.
+HF's repeat_kv. bf16/fp16 inputs (fp32 works too: exact-precision dots on 16 × 16 tiles, for
+tests; the model's dispatch sends fp32 CUDA tensors to the torch path), fp32 softmax statistics and
+accumulators; the log-sum-exp of every row is saved for backward.
 
 Four layers, as in flash-attention's Triton files:
 
@@ -24,9 +25,10 @@ against.
 
 Kernel design
 -------------
-Forward: one program per (query block of BLOCK_M rows, sample, query head); grid
-(cdiv(max_seqlen, BLOCK_M), n_samples, n_heads). Programs whose block starts past their sample's
-end exit at once, and the query-block index runs backwards so the longest causal rows start first.
+Forward: one program per (query head, sample, query block of BLOCK_M rows); grid
+(n_heads, n_samples, cdiv(max_seqlen, BLOCK_M)), x fastest. Programs whose block starts past their
+sample's end exit at once, and the query-block index runs backwards so the longest causal rows of
+every head start first (longest-processing-time-first over the whole grid).
 The KV loop is split in two: blocks strictly left of the diagonal need no mask at all; only the
 BLOCK_M // BLOCK_N diagonal blocks apply the causal and length masks. KV blocks right of the
 diagonal are never visited, so a packed row of short samples costs what those samples cost, not
@@ -36,8 +38,9 @@ scale·log2 e folded into one multiply), m/l/acc in fp32; the natural-log LSE is
 
 Backward (no atomics, deterministic):
 - ``_attn_bwd_preprocess``: delta = rowsum(dO * O) per (head, token), fp32.
-- ``_attn_bwd_dkdv_kernel``: one program per (KV block of BLOCK_N rows, sample, KV head); grid
-  (cdiv(max_seqlen, BLOCK_N), n_samples, n_kv_heads), earliest (most loaded) key blocks first. It
+- ``_attn_bwd_dkdv_kernel``: one program per (KV head, sample, KV block of BLOCK_N rows); grid
+  (n_kv_heads, n_samples, cdiv(max_seqlen, BLOCK_N)), earliest (most loaded) key blocks of every
+  KV head first. It
   holds K, V and the fp32 dK/dV accumulators and runs one flat loop over (query head of its
   group, query block) pairs: first the BLOCK_N // BLOCK_M diagonal query blocks with the causal
   mask, then every later query block without it (earlier ones see none of these keys). dK/dV of
@@ -56,7 +59,9 @@ forward call, so ``torch.manual_seed`` makes runs reproducible and activation ch
 (which restores the CPU RNG state) recomputes the same mask. ``dropout_keep_mask`` materialises
 the mask for tests.
 
-Block sizes (``AttentionConfig``, picked per head dim by ``default_config``): see there.
+Block sizes (``AttentionConfig``): per GPU generation, head dim, dtype and dropout by
+``tiles_for(capability, ...)``, which the runtime (``default_config``) and the offline compile
+report (``python -m kernels.compile_report``) both call; see there.
 
 Interpreter: for CPU tensors the kernels run under the Triton interpreter whatever TRITON_INTERPRET
 said when triton was imported (``kernels.backend.launchable``); CUDA tensors use the compiled kernels. So
@@ -72,7 +77,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import launchable, use_triton
+from kernels.backend import capability, launchable, setting, use_triton
 
 try:
     import triton
@@ -157,9 +162,11 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
+        # Launch order (x fastest): every head and sample of the last query block first, so the
+        # longest causal rows start first across the whole grid (see _grid_order).
+        head = tl.program_id(0)
         seq = tl.program_id(1)
-        head = tl.program_id(2)
+        m_block = tl.num_programs(2) - 1 - tl.program_id(2)
         seq_start = tl.load(CU_SEQLENS + seq)
         seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
         start_m = m_block * BLOCK_M
@@ -285,9 +292,11 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        n_block = tl.program_id(0)  # early key blocks have the most query blocks: they start first
+        # Early key blocks have the most query blocks: block 0 of every KV head and sample starts
+        # first (see _grid_order).
+        kv_head = tl.program_id(0)
         seq = tl.program_id(1)
-        kv_head = tl.program_id(2)
+        n_block = tl.program_id(2)
         seq_start = tl.load(CU_SEQLENS + seq)
         seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
         start_n = n_block * BLOCK_N
@@ -372,9 +381,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+        head = tl.program_id(0)  # the forward's launch order
         seq = tl.program_id(1)
-        head = tl.program_id(2)
+        m_block = tl.num_programs(2) - 1 - tl.program_id(2)
         seq_start = tl.load(CU_SEQLENS + seq)
         seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
         start_m = m_block * BLOCK_M
@@ -451,7 +460,8 @@ if triton is not None:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Tile sizes and launch parameters of the three main kernels (defaults: d = 128, bf16/fp16).
+    """Tile sizes and launch parameters of the three main kernels (defaults: H100/H200, d = 128,
+    bf16/fp16, no dropout; ``tiles_for`` has the tiles of each GPU generation).
 
     fwd_block_m % fwd_block_n == 0, dq_block_m % dq_block_n == 0 and
     dkdv_block_n % dkdv_block_m == 0 (the diagonal is covered by whole inner blocks).
@@ -462,7 +472,7 @@ class AttentionConfig:
     fwd_warps: int = 8
     fwd_stages: int = 3
     dkdv_block_m: int = 32
-    dkdv_block_n: int = 128
+    dkdv_block_n: int = 64
     dkdv_warps: int = 8
     dkdv_stages: int = 2
     dq_block_m: int = 128
@@ -483,36 +493,69 @@ class AttentionConfig:
 # Interpreter (CPU): the smallest tiles tl.dot accepts; speed is the interpreter's per-op cost.
 INTERPRETER_CONFIG = AttentionConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
 
+# Tiles per GPU generation for d <= 128 in bf16/fp16, without and with dropout. Chosen so that
+# every production kernel (Qwen2.5-32B 40/8 heads, Seed-OSS-36B 80/8, d = 128, bf16 and fp16,
+# dropout on and off) compiles without register spills and below 255 registers where a candidate
+# allowed, with triton 3.6 (the GPU image's) and 3.9 (CI's): `python -m kernels.compile_report`
+# prints the figures and fails on a spill; kernels/BENCHMARKS.md has the table and the candidates
+# that were rejected. None of them is timed yet (`python -m kernels.bench_attention --attn-sweep`).
+# Fields: fwd (block_m, block_n, warps, stages), dK/dV (block_m, block_n, ...), dQ (block_m, ...).
+#
+# sm_90 (H100/H200): wgmma reads Q/K/V from shared memory, so 128-row tiles fit: forward and dQ
+# 128 × 64 (Triton's and flash-attention 2's tile for d = 128); dK/dV holds 64 keys and steps
+# over 32 query rows (the former 128 keys sat at exactly 255 registers with triton 3.6 and
+# spilled with dropout at GQA group 10 with 3.9; 64 keys also double the dK/dV programs, see
+# kernels/BENCHMARKS.md). Dropout (Philox in registers) halves the forward/dQ key tile and the
+# dK/dV query step.
+# sm_80 (A100): mma.sync keeps the dot operands in registers, so the sm_90 tiles spill (16-56 B):
+# forward 128 × 32, dQ 64 × 64, dK/dV 64 keys × 64 query rows; with dropout forward 64 × 32,
+# dQ 64 × 32, dK/dV 64 keys × 32 query rows. Shared memory stays below 100 KiB.
+_TILES = {
+    (90, False): AttentionConfig(128, 64, 8, 3, 32, 64, 8, 2, 128, 64, 8, 2),
+    (90, True): AttentionConfig(128, 32, 8, 3, 16, 64, 8, 2, 128, 32, 8, 2),
+    (80, False): AttentionConfig(128, 32, 8, 3, 64, 64, 8, 2, 64, 64, 8, 2),
+    (80, True): AttentionConfig(64, 32, 8, 3, 32, 64, 8, 2, 64, 32, 8, 2),
+}
+# fp32 inputs run exact fp32 dots ("ieee": FMA, no tensor cores); every larger tile spills
+# kilobytes on sm_80 and sm_90 (32 × 32 forward: 2 KB), 16 × 16 compiles clean. For tests and
+# debugging: the model's dispatch (`attention`) sends fp32 CUDA tensors to the torch path.
+FP32_CONFIG = AttentionConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
+# d = 256 (no target model's): half-size tiles, 4 warps; these spill.
+WIDE_HEAD_CONFIG = AttentionConfig(64, 32, 4, 2, 16, 64, 4, 2, 64, 32, 4, 2)
+
+
+def tiles_for(
+    capability: int, head_dim: int, *, dtype: torch.dtype = torch.bfloat16, dropout: bool = False
+) -> AttentionConfig:
+    """The tiles the kernels use on a GPU of compute capability ``capability`` (80: A100, 90:
+    H100/H200; below 90 the A100's, from 90 on the H100's). The runtime (``default_config``) and
+    the offline compile report (``kernels.compile_report``) both call this."""
+    if dtype == torch.float32:
+        return FP32_CONFIG
+    if _block_d(head_dim) > 128:
+        return WIDE_HEAD_CONFIG
+    return _TILES[(90 if capability >= 90 else 80), bool(dropout)]
+
 
 def default_config(
     head_dim: int, device: torch.device, *, dtype: torch.dtype = torch.bfloat16, dropout: bool = False
 ) -> AttentionConfig:
-    """Tiles for H100/H200 (sm_90: 228 KiB shared memory and 64 K registers per SM, 255 per
-    thread). Not yet timed on the card (``python -m kernels.bench_attention --attn-sweep`` times
-    alternatives); chosen so that every kernel compiles for sm_90 without register spills
-    (checked offline with triton.compile + cuobjdump -res-usage; registers per thread in brackets):
-
-    - forward, d <= 128, bf16/fp16: 128 query rows × 64 keys, 8 warps, 3 stages: Q 32 KiB + 3 ×
-      (K + V) 32 KiB = 128 KiB shared (the Triton tutorial's and flash-attention 2's tile for
-      d = 128) [234 at d = 128];
-    - dK/dV: 128 keys held (dK/dV accumulators in registers) × 32 query rows per step, 8 warps,
-      2 stages (the Triton tutorial's BLOCK_N1/BLOCK_M1) [246]; 64 query rows per step spill;
-    - dQ: 128 query rows × 64 keys, 8 warps, 2 stages [234];
-    - with dropout (Philox in registers) the key tile of the forward and dQ halves to 32 and the
-      dK/dV query step to 16 [223 / 254 / 225];
-    - d <= 64: the same tiles (4 warps spill with 128-row tiles) [128 / 174 / 160];
-    - d = 256 and fp32 inputs (twice the bytes per element): half-size tiles, 4 warps (these
-      spill; fp32 is for tests, d = 256 is no target model's).
-    ``python -m kernels.bench_attention --compile-report`` reprints these figures.
-    CPU tensors (interpreter) use 16 × 16 tiles.
-    """
+    """Tiles for tensors on ``device``: 16 × 16 under the interpreter (CPU), else
+    ``tiles_for(kernels.backend.capability(device), ...)``."""
     if device.type == "cpu":
         return INTERPRETER_CONFIG
-    if _block_d(head_dim) > 128 or dtype == torch.float32:
-        return AttentionConfig(64, 32, 4, 2, 16, 64, 4, 2, 64, 32, 4, 2)
-    if dropout:
-        return AttentionConfig(128, 32, 8, 3, 16, 128, 8, 2, 128, 32, 8, 2)
-    return AttentionConfig(128, 64, 8, 3, 32, 128, 8, 2, 128, 64, 8, 2)
+    return tiles_for(capability(device), head_dim, dtype=dtype, dropout=dropout)
+
+
+def _grid_order(heads: int, n_seqs: int, blocks: int) -> tuple[int, int, int]:
+    """Grid of the forward, dK/dV and dQ kernels: (heads, samples, blocks), x fastest, so the
+    GPU starts the most loaded block of every head and sample before any lighter block
+    (longest-processing-time-first order; see kernels/BENCHMARKS.md for the wave arithmetic).
+    Only the launch order differs from a head-major grid: every program computes the same
+    values, so results are bit-identical."""
+    if blocks > 65535 or n_seqs > 65535:
+        raise ValueError(f"{blocks} blocks or {n_seqs} samples exceed the grid's 65535")
+    return (heads, n_seqs, blocks)
 
 
 def _block_d(head_dim: int) -> int:
@@ -574,7 +617,7 @@ def attention_forward(
         return out, lse
     if max_seqlen <= 0:
         raise ValueError(f"max_seqlen must be the longest sample's length, got {max_seqlen} for {total} tokens")
-    grid = (triton.cdiv(max_seqlen, config.fwd_block_m), n_seqs, n_heads)
+    grid = _grid_order(n_heads, n_seqs, triton.cdiv(max_seqlen, config.fwd_block_m))
     launchable(_attn_fwd_kernel, q.device)[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -623,7 +666,7 @@ def attention_backward(
         raise ValueError(f"max_seqlen must be the longest sample's length, got {max_seqlen} for {total} tokens")
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
-    block_t = 64 if q.device.type == "cuda" else 16
+    block_t = 16 if q.device.type == "cpu" else 64
     launchable(_attn_bwd_preprocess, q.device)[(triton.cdiv(total, block_t), n_heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0), total,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
@@ -633,14 +676,16 @@ def attention_backward(
         CAUSAL=bool(causal), DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype),
     )
     scalars = (total, scale * LOG2E, scale, float(dropout_p), int(seed))
-    launchable(_attn_bwd_dkdv_kernel, q.device)[(triton.cdiv(max_seqlen, config.dkdv_block_n), n_seqs, n_kv)](
+    dkdv_grid = _grid_order(n_kv, n_seqs, triton.cdiv(max_seqlen, config.dkdv_block_n))
+    launchable(_attn_bwd_dkdv_kernel, q.device)[dkdv_grid](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         *scalars, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
         num_warps=config.dkdv_warps, num_stages=config.dkdv_stages, **common,
     )
-    launchable(_attn_bwd_dq_kernel, q.device)[(triton.cdiv(max_seqlen, config.dq_block_m), n_seqs, n_heads)](
+    dq_grid = _grid_order(n_heads, n_seqs, triton.cdiv(max_seqlen, config.dq_block_m))
+    launchable(_attn_bwd_dq_kernel, q.device)[dq_grid](
         q, k, v, dout, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
@@ -749,9 +794,12 @@ def attention(
     boundaries (the caller restarts positions at each: ``engine.models.positions``). A packed row
     is already the kernels' varlen layout, one reshape away.
 
-    The kernels when ``kernels.backend.use_triton(q, k, v)``, else :func:`attention_sdpa`.
+    The kernels when ``kernels.backend.use_triton(q, k, v)``, else :func:`attention_sdpa`; fp32
+    CUDA tensors also take :func:`attention_sdpa` unless the kernels are forced
+    (``force("triton")``): the kernels' exact fp32 dots only compile without spills on 16 × 16
+    tiles (``FP32_CONFIG``), far slower than SDPA.
     """
-    if use_triton(q, k, v):
+    if use_triton(q, k, v) and not (q.is_cuda and q.dtype == torch.float32 and setting() != "triton"):
         return _flash_attention(q, k, v, cu_seqlens=cu_seqlens, dropout_p=dropout_p, scale=scale)
     return attention_sdpa(q, k, v, cu_seqlens=cu_seqlens, dropout_p=dropout_p, scale=scale)
 

@@ -9,11 +9,17 @@ goes through `launchable(kernel, device)`, which interprets for CPU tensors what
 `TRITON_INTERPRET` said when triton was imported (see `InterpretedKernel`). That is how CI runs the
 real kernel code without a GPU. (The interpreter's `tl.dot` on bf16 operands is wrong in triton
 3.9: interpreter tests use fp32/fp16 where a kernel uses `tl.dot`.)
+
+Tile sizes depend on the GPU generation (``capability(device)``: 80 for the A100, 90 for the
+H100/H200). ``compile_target(cc)`` makes every kernel module pick the tiles of compute capability
+``cc`` whatever device its tensors are on: ``kernels.compile_report`` uses it to compile, without
+a GPU, exactly what the runtime would launch on an A100 or an H100.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -23,7 +29,8 @@ _CHOICES = ("auto", "reference", "triton")
 _forced: str | None = None
 
 
-def _setting() -> str:
+def setting() -> str:
+    """"auto", "reference" or "triton": what ``force`` or ENGINE_KERNELS asks for."""
     choice = _forced or os.environ.get("ENGINE_KERNELS", "auto")
     if choice not in _CHOICES:
         raise ValueError(f"ENGINE_KERNELS must be one of {', '.join(_CHOICES)}, got {choice!r}")
@@ -31,7 +38,7 @@ def _setting() -> str:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    choice = _setting()
+    choice = setting()
     if choice == "reference":
         return False
     if choice == "triton":
@@ -66,6 +73,41 @@ def force(choice: str) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+# ---------------------------------------------------------------- the target GPU generation
+
+_target_capability: int | None = None
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability of ``device`` as one int (80: A100, 90: H100/H200), or the one
+    ``compile_target`` set. The kernels' tile choices are functions of this number."""
+    if _target_capability is not None:
+        return _target_capability
+    if device.type != "cuda":
+        raise ValueError(f"no compute capability for a {device.type} device (use compile_target(cc) to pick one)")
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+@contextlib.contextmanager
+def compile_target(cc: int) -> Iterator[None]:
+    """Within this block the kernel modules choose tiles for compute capability ``cc`` (e.g. 80 or
+    90) for tensors on any device but the CPU (the CPU keeps the interpreter's tiles)."""
+    global _target_capability
+    if not isinstance(cc, int) or cc < 70:
+        raise ValueError(f"compute capability must be an int such as 80 or 90, got {cc!r}")
+    previous, _target_capability = _target_capability, cc
+    try:
+        yield
+    finally:
+        _target_capability = previous
 
 
 # ---------------------------------------------------------------- launching on CPU tensors

@@ -16,9 +16,11 @@ Elementwise (``run_elementwise``): RMSNorm at 4096 × 5120, SwiGLU's silu(gate)�
 4096 × 27,648 and RoPE on q at 4096 × 40 × 128, bf16, forward + backward: torch op by op vs the
 Triton kernels vs Liger's.
 
-The attention section comes from `kernels.bench_attention.run(args) -> list[dict]` (rows with keys
-name, ms, tflops, extra_gib, ratios); `args` is this script's argparse namespace (reference_only,
-only, repeats, warmup, json).
+The attention sections come from `kernels.bench_attention.run(args, emit) -> list[dict]` (rows
+with keys name, ms, tflops, extra_gib, ratios; each case's rows are printed and written to --json
+as soon as they are measured); `args` is this script's argparse namespace (reference_only, only,
+repeats, warmup, json). `--only flex` is the FlexAttention case alone (run last: its compile is
+the slowest).
 
 `--reference-only` runs only the reference paths, on CPU, at small shapes (a CI check that the
 script works; its figures mean nothing).
@@ -43,6 +45,7 @@ from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 CE_FULL = dict(tokens=4096, hidden=5120, vocab=152_064, dtype=torch.bfloat16)
 CE_SMALL = dict(tokens=128, hidden=64, vocab=512, dtype=torch.float32)  # --reference-only
 IGNORED = (0.0, 0.25, 0.99)
+SECTIONS = ("ce", "elementwise", "attention", "flex")
 TARGET_VS_LIGER = 0.85
 TARGET_EXTRA_GIB = 0.25
 TARGET_SPARSE = 0.05
@@ -91,12 +94,13 @@ def measure(step: Callable[[], None], device: torch.device, repeats: int, warmup
 
 
 def ce_inputs(tokens, hidden, vocab, dtype, ignored, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(tokens, hidden, generator=g).to(device, dtype)  # ~ RMSNorm output scale
-    w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype)  # frozen LM head
-    t = torch.randint(0, vocab, (tokens,), generator=g)
-    t[torch.randperm(tokens, generator=g)[: round(ignored * tokens)]] = IGNORE_INDEX
-    return h.requires_grad_(True), w, t.to(device)
+    """Drawn on ``device`` (a (V, H) draw on the CPU costs seconds at V = 152,064)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=g, device=device).to(dtype)  # ~ RMSNorm output scale
+    w = (torch.randn(vocab, hidden, generator=g, device=device) * 0.02).to(dtype)  # frozen LM head
+    t = torch.randint(0, vocab, (tokens,), generator=g, device=device)
+    t[torch.randperm(tokens, generator=g, device=device)[: round(ignored * tokens)]] = IGNORE_INDEX
+    return h.requires_grad_(True), w, t
 
 
 def ce_implementations(reference_only: bool) -> dict[str, Callable]:
@@ -279,18 +283,17 @@ def run_elementwise(args) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_attention_section(args) -> list[dict] | None:
-    try:
-        from kernels.bench_attention import run as run_attention
-    except ModuleNotFoundError as e:
-        if e.name != "kernels.bench_attention":
-            raise
-        print("attention: kernels/bench_attention.py is missing: no attention benchmark", file=sys.stderr)
-        return None
-    rows = run_attention(args)
-    for r in rows:
-        r.setdefault("section", "attention")
-    return rows
+def run_attention_section(args, emit) -> list[dict]:
+    """kernels/bench_attention.py's cases (``args.only == "flex"``: the FlexAttention case alone);
+    ``emit(rows)`` gets each case's rows as soon as it is measured."""
+    from kernels.bench_attention import run as run_attention
+
+    def tagged(rows):
+        for r in rows:
+            r.setdefault("section", "attention")
+        emit(rows)
+
+    return run_attention(args, emit=tagged)
 
 
 def _fmt(x, spec):
@@ -333,7 +336,8 @@ def environment(reference_only: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("ce", "attention", "elementwise"), help="run one section")
+    p.add_argument("--only", choices=SECTIONS, help="run one section (scripts/gpu_check.sh runs each in its own "
+                   "process, flex last)")
     p.add_argument("--reference-only", action="store_true",
                    help="only the reference paths, on CPU, at small shapes (CI check of the script)")
     p.add_argument("--repeats", type=int, default=None,
@@ -349,11 +353,10 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(args.reference_only)
     rows: list[dict] = []
-    status = 0
     header = (f"kernels.bench on {env['device']} (torch {env['torch']}, triton {env['triton']})"
               + (" — reference paths only, figures meaningless" if args.reference_only else ""))
 
-    def report(section_rows: list[dict]) -> None:  # per section, so a run cut short keeps what it measured
+    def report(section_rows: list[dict]) -> None:  # per case, so a run cut short keeps what it measured
         rows.extend(section_rows)
         print_table(section_rows, header)
         sys.stdout.flush()
@@ -361,17 +364,17 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(environment=env, results=rows), f, indent=1)
 
-    if args.only in (None, "ce"):
+    only = args.only
+    if only in (None, "ce"):
         report(run_ce(args))
-    if args.only in (None, "elementwise"):
+    if only in (None, "elementwise"):
         report(run_elementwise(args))
-    if args.only in (None, "attention"):
-        attention = run_attention_section(args)
-        if attention is None:
-            status = 2 if args.only == "attention" else status
-        else:
-            report(attention)
-    return status
+    for section in ("attention", "flex"):  # Flex last: its compile is the slowest
+        if only in (None, section):
+            args.only = section
+            run_attention_section(args, emit=report)
+    args.only = only
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,28 +1,31 @@
 """Attention section of `python -m kernels.bench` (also `python -m kernels.bench_attention`).
 
-`run(args) -> list[dict]` times the Triton varlen flash attention (kernels/attention.py) against
+`run(args, emit) -> list[dict]` times the Triton varlen flash attention (kernels/attention.py) against
 its references at the issue's shapes, in one run on one card; rows carry name, case, ms (median
 of CUDA-event-timed calls), tflops (useful FLOPs only: causal 4·S²·H·D/2 per sample forward, ×3.5
 for forward+backward), extra_gib (peak allocation during one call minus what was allocated before
 it: inputs excluded, outputs and gradients included), ratios (our time / their time for each
 reference: below 1 is faster) and, on our rows, target.
 
-Cases (bf16, head_dim 128, Qwen2.5-32B's 40 query / 8 KV heads):
-- causal, one 4096-token sample, forward+backward (and forward alone): vs SDPA's flash backend and
-  its cuDNN backend (torch.nn.attention.sdpa_kernel). Target: ≤ 1/1.3 of SDPA-flash's time
-  (stretch: ≤ cuDNN's).
-- packed 4096 tokens of SGTR-length samples (1100 + 1000 + 1000 + 996), forward+backward: vs
-  FlexAttention with a document-causal block mask (when importable) and dense causal cuDNN over
-  the same 4096 tokens (what a kernel without varlen pays). Target: ≤ 0.5× FlexAttention's time.
-- Seed-OSS-36B heads (80 / 8) with attention dropout 0.1, causal 4096, forward+backward: vs
-  SDPA-flash with the same dropout.
+Cases (bf16, head_dim 128, Qwen2.5-32B's 40 query / 8 KV heads), in this order, each case's rows
+handed to ``emit`` (printed, written) as soon as it is measured:
+1. causal, one 4096-token sample, forward+backward: vs SDPA's flash backend and its cuDNN backend
+   (torch.nn.attention.sdpa_kernel). Target: ≤ 1/1.3 of SDPA-flash's time (stretch: ≤ cuDNN's).
+2. packed 4096 tokens of SGTR-length samples (1100 + 1000 + 1000 + 996), forward+backward: vs
+   dense causal cuDNN over the same 4096 tokens (what a kernel without varlen pays).
+3. Seed-OSS-36B heads (80 / 8) with attention dropout 0.1, causal 4096, forward+backward: vs
+   SDPA-flash with the same dropout.
+4. case 1's forward alone.
+``--only flex`` (run last, in its own process, by ``kernels.bench`` and scripts/gpu_check.sh: its
+compile is the slowest): the packed case against FlexAttention with a document-causal block mask.
+Target: ≤ 0.5× FlexAttention's time.
 GQA: references get enable_gqa=True; where a backend refuses it, K/V are expanded to the query
 heads once, outside the timed region (the row name says "KV expanded").
 
-`python -m kernels.bench_attention --compile-report` needs no GPU: it compiles the kernels for
-sm_90 and prints shared memory, registers per thread and spills of each.
-`--attn-sweep` adds rows for alternative tile configurations of our kernels on the causal case
-(all compile for sm_90 without register spills), to pick `default_config` on a real card.
+Registers, spills and shared memory of every kernel without a GPU: `python -m kernels.compile_report`.
+`--attn-sweep` adds rows for alternative tile configurations of our kernels on case 1 (each kernel
+of each compiles without register spills on the card's generation, triton 3.6 and 3.9), to pick
+`kernels.attention.tiles_for` on a real card.
 `--reference-only` runs the reference paths only, on CPU, at small shapes (a CI check).
 """
 
@@ -43,14 +46,56 @@ SEED_HEADS, SEED_DROPOUT = 80, 0.1
 SMALL = dict(seq=256, packed=(100, 60, 60, 36), n_heads=4, n_kv=2, head_dim=32, dtype=torch.float32)
 TARGET_VS_FLASH = 1 / 1.3
 TARGET_VS_FLEX = 0.5
-SWEEP = [  # (fwd m, n, warps, stages, dkdv m, n, warps, stages, dq m, n, warps, stages)
-    (128, 64, 8, 3, 32, 128, 8, 2, 128, 64, 8, 2),  # default_config for d = 128
-    (128, 128, 8, 2, 32, 128, 8, 2, 128, 64, 8, 2),
-    (64, 64, 4, 3, 64, 64, 8, 2, 64, 64, 4, 2),
-    (128, 64, 8, 3, 16, 128, 8, 2, 128, 32, 8, 2),
-    (128, 64, 8, 3, 64, 64, 8, 2, 128, 32, 8, 2),
-    (128, 32, 8, 3, 32, 64, 4, 2, 64, 32, 4, 2),
-]
+SWEEP = {  # per GPU generation: (fwd m, n, warps, stages, dkdv m, n, warps, stages, dq m, n, warps, stages)
+    90: [
+        (128, 64, 8, 3, 32, 64, 8, 2, 128, 64, 8, 2),  # tiles_for(90, 128): the default
+        (128, 64, 8, 3, 32, 128, 8, 2, 128, 64, 8, 2),  # the former default: dK/dV over 128 keys
+        (128, 64, 8, 3, 16, 64, 8, 2, 128, 32, 8, 2),
+        (128, 32, 8, 3, 32, 64, 8, 2, 128, 32, 8, 2),
+    ],
+    80: [
+        (128, 32, 8, 3, 64, 64, 8, 2, 64, 64, 8, 2),  # tiles_for(80, 128): the default
+        (128, 32, 8, 3, 32, 64, 8, 2, 64, 64, 8, 2),
+        (64, 32, 4, 3, 64, 64, 8, 2, 64, 32, 4, 2),
+        (128, 32, 8, 3, 64, 64, 8, 2, 128, 32, 8, 2),
+    ],
+}
+
+
+def schedule_efficiency(lengths, block_n: int, kv_heads: int, sms: int, order: str) -> tuple[int, float]:
+    """(programs, modelled SM efficiency) of the dK/dV grid: greedy list scheduling in launch
+    order, one resident program per SM (its registers allow no second), each program's work
+    proportional to the query rows at or after its key block (the diagonal's extra cost and the
+    fixed per-program cost ignored). order: "head-major" (the former grid, key blocks fastest) or
+    "lpt" (``_grid_order``: heads fastest, so every head's heaviest block starts first)."""
+    import heapq
+
+    blocks = max(-(-n // block_n) for n in lengths)
+    index = [(h, s, i) for h in range(kv_heads) for s in range(len(lengths)) for i in range(blocks)]
+    if order == "lpt":
+        index = [(h, s, i) for i in range(blocks) for s in range(len(lengths)) for h in range(kv_heads)]
+    elif order != "head-major":
+        raise ValueError(f"order must be 'head-major' or 'lpt', got {order!r}")
+    jobs = [lengths[s] - i * block_n for _, s, i in index if i * block_n < lengths[s]]
+    free = [0] * sms
+    end = 0
+    for work in jobs:
+        t = heapq.heappop(free) + work
+        end = max(end, t)
+        heapq.heappush(free, t)
+    return len(jobs), sum(jobs) / sms / end
+
+
+def print_schedule() -> None:
+    """The dK/dV launch-order arithmetic of kernels/BENCHMARKS.md."""
+    print("gpu   SMs  rows                   BLOCK_N  programs  head-major  lpt")
+    for gpu, sms in (("H100", 132), ("A100", 108)):
+        for lengths in ([4096], list(PACKED), [2048, 2048], [2048]):
+            for block_n in (128, 64):
+                programs, old = schedule_efficiency(lengths, block_n, N_KV, sms, "head-major")
+                _, new = schedule_efficiency(lengths, block_n, N_KV, sms, "lpt")
+                print(f"{gpu}  {sms:4d}  {'+'.join(map(str, lengths)):21s}  {block_n:7d}  {programs:8d}  "
+                      f"{old:10.2f}  {new:.2f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,13 +245,21 @@ def _target(rows, ours, ref, limit, label):
     row["target"] = "; ".join(filter(None, [row.get("target"), f"≤{limit:.2f}× {label}: {verdict}"]))
 
 
-def run(args) -> list[dict]:
+def run(args, emit=None) -> list[dict]:
+    """The attention cases, most important first; ``emit(rows)`` (if given) gets each case's rows
+    as soon as it is measured, so a run cut short keeps what it measured. ``args.only == "flex"``
+    runs the FlexAttention case alone; ``"attention"`` every case but it (``kernels.bench`` runs
+    Flex last, in its own process: its compile takes the longest)."""
     reference_only = getattr(args, "reference_only", False)
     args.repeats = getattr(args, "repeats", None) or (3 if reference_only else 20)
     args.warmup = getattr(args, "warmup", None) if getattr(args, "warmup", None) is not None else (
         1 if reference_only else 3)
+    emit = emit or (lambda rows: None)
+    only = getattr(args, "only", None)
     if reference_only:
-        return _run_reference_only(args)
+        rows = [] if only == "flex" else _run_reference_only(args)
+        emit(rows)
+        return rows
 
     from torch.nn.attention import SDPBackend
 
@@ -224,36 +277,50 @@ def run(args) -> list[dict]:
                                       HEAD_DIM, dtype)
         return out
 
-    # 1. causal, one 4096-token sample.
-    for backward in (True, False):
+    def done(case_rows):
+        rows.extend(case_rows)
+        emit(case_rows)
+
+    packed_case = f"packed {SEQ} = {'+'.join(map(str, PACKED))}, {N_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, fwd+bwd"
+    if only == "flex":
+        impls = {ours: _ours(list(PACKED)), "flex document-causal": _flex(list(PACKED), device)}
+        if impls["flex document-causal"] is None:
+            print("attention: FlexAttention not importable: no flex reference", file=sys.stderr)
+        case_rows = _time_case(args, device, packed_case, list(PACKED), N_HEADS, N_KV, HEAD_DIM, dtype, impls)
+        _target(case_rows, ours, "flex document-causal", TARGET_VS_FLEX, "FlexAttention")
+        done(case_rows)
+        return rows
+
+    def causal(backward):
         case = f"causal 1×{SEQ}, {N_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, {'fwd+bwd' if backward else 'fwd'}"
         impls = {ours: _ours([SEQ])} | refs(N_HEADS)
         if backward and getattr(args, "attn_sweep", False):
             from kernels.attention import AttentionConfig
 
-            impls |= {f"triton cfg {c}": _ours([SEQ], config=AttentionConfig(*c)) for c in SWEEP}
+            from kernels.backend import capability
+
+            sweep = SWEEP[90 if capability(device) >= 90 else 80]
+            impls |= {f"triton cfg {c}": _ours([SEQ], config=AttentionConfig(*c)) for c in sweep}
         case_rows = _time_case(args, device, case, [SEQ], N_HEADS, N_KV, HEAD_DIM, dtype, impls, backward)
         flash = next((n for n in impls if n.startswith("sdpa flash")), "sdpa flash")
         cudnn = next((n for n in impls if n.startswith("sdpa cudnn")), "sdpa cudnn")
         _target(case_rows, ours, flash, TARGET_VS_FLASH, "SDPA-flash (1.3× faster)")
         _target(case_rows, ours, cudnn, 1.0, "cuDNN (stretch)")
-        rows += case_rows
+        done(case_rows)
 
-    # 2. packed SGTR-length samples.
-    case = f"packed {SEQ} = {'+'.join(map(str, PACKED))}, {N_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, fwd+bwd"
-    impls = {ours: _ours(list(PACKED)), "flex document-causal": _flex(list(PACKED), device)}
+    # 1. causal, one 4096-token sample, forward + backward.
+    causal(backward=True)
+    # 2. packed SGTR-length samples against dense causal cuDNN over the same tokens (Flex: its own section).
+    impls = {ours: _ours(list(PACKED))}
     impls |= _with_gqa_fallback("dense causal cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION), device, N_HEADS, N_KV,
                                 HEAD_DIM, dtype)
-    if impls["flex document-causal"] is None:
-        print("attention: FlexAttention not importable: no flex reference", file=sys.stderr)
-    case_rows = _time_case(args, device, case, list(PACKED), N_HEADS, N_KV, HEAD_DIM, dtype, impls)
-    _target(case_rows, ours, "flex document-causal", TARGET_VS_FLEX, "FlexAttention")
-    rows += case_rows
-
+    done(_time_case(args, device, packed_case, list(PACKED), N_HEADS, N_KV, HEAD_DIM, dtype, impls))
     # 3. Seed-OSS heads with attention dropout.
     case = f"causal 1×{SEQ}, {SEED_HEADS}/{N_KV} heads, d={HEAD_DIM}, bf16, dropout {SEED_DROPOUT}, fwd+bwd"
     impls = {ours: _ours([SEQ], dropout_p=SEED_DROPOUT)} | refs(SEED_HEADS, SEED_DROPOUT, cudnn=False)
-    rows += _time_case(args, device, case, [SEQ], SEED_HEADS, N_KV, HEAD_DIM, dtype, impls)
+    done(_time_case(args, device, case, [SEQ], SEED_HEADS, N_KV, HEAD_DIM, dtype, impls))
+    # 4. forward alone.
+    causal(backward=False)
     return rows
 
 
@@ -271,66 +338,6 @@ def _run_reference_only(args) -> list[dict]:
     return rows
 
 
-def compile_report(arch: int = 90, head_dims=(64, 128), dtypes=("bf16",), group: int = 5) -> list[str]:
-    """Compile the kernels at their default tiles for sm_{arch} without a GPU (triton.compile with
-    the divisibility hints the JIT would derive at run time) and report shared memory, registers
-    per thread and spill stack (cuobjdump -res-usage from triton's wheel). Uses triton internals."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import kernels.attention as ka
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    lines = []
-    for head_dim in head_dims:
-        for dtype in dtypes:
-            for dropout in (False, True):
-                cfg = ka.default_config(head_dim, torch.device("cuda"), dtype=torch_dtypes[dtype], dropout=dropout)
-                common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=ka._block_d(head_dim), CAUSAL=True,
-                              DROPOUT=dropout, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
-                for name, kernel, bm, bn, warps, stages in (
-                    ("fwd", ka._attn_fwd_kernel, cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_warps, cfg.fwd_stages),
-                    ("dkdv", ka._attn_bwd_dkdv_kernel, cfg.dkdv_block_m, cfg.dkdv_block_n, cfg.dkdv_warps,
-                     cfg.dkdv_stages),
-                    ("dq", ka._attn_bwd_dq_kernel, cfg.dq_block_m, cfg.dq_block_n, cfg.dq_warps, cfg.dq_stages),
-                ):
-                    const = dict(common, BLOCK_M=bm, BLOCK_N=bn)
-                    sig, attrs = {}, {}
-                    for i, arg in enumerate(kernel.arg_names):
-                        if arg in const:
-                            sig[arg] = "constexpr"
-                        elif arg in ("LSE", "DELTA"):
-                            sig[arg] = "*fp32"
-                        elif arg == "CU_SEQLENS":
-                            sig[arg] = "*i32"
-                        elif arg.isupper():
-                            sig[arg] = f"*{dtype}"
-                        elif arg in ("qk_scale", "sm_scale", "dropout_p"):
-                            sig[arg] = "fp32"
-                        else:
-                            sig[arg] = "i32"
-                        if sig[arg].startswith("*") or (arg.startswith("stride") and arg != "stride_lh"):
-                            attrs[(i,)] = [["tt.divisibility", 16]]
-                    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=attrs),
-                                              target=GPUTarget("cuda", arch, 32),
-                                              options=dict(num_warps=warps, num_stages=stages))
-                    with tempfile.TemporaryDirectory() as tmp:
-                        path = os.path.join(tmp, "kernel.cubin")
-                        with open(path, "wb") as f:
-                            f.write(compiled.asm["cubin"])
-                        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-                    usage = next((u.strip().split(" SHARED")[0] for u in usage.splitlines() if "REG:" in u), "?")
-                    lines.append(f"d={head_dim} {dtype} dropout={dropout:d} {name:4s} {bm}x{bn} warps={warps} "
-                                 f"stages={stages}: shared {compiled.metadata.shared // 1024} KiB, {usage}")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     from kernels.bench import print_table
 
@@ -338,18 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-only", action="store_true", help="reference paths only, on CPU, small shapes")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--compile-report", action="store_true",
-                   help="no GPU needed: compile the kernels for sm_90 and print shared memory, registers, spills")
+    p.add_argument("--schedule", action="store_true",
+                   help="no GPU needed: print the modelled SM efficiency of the dK/dV grid's launch orders")
     add_arguments(p)
     args = p.parse_args(argv)
-    if args.compile_report:
-        print("\n".join(compile_report()))
+    if args.schedule:
+        print_schedule()
         return 0
     if not args.reference_only and not torch.cuda.is_available():
         print("kernels.bench_attention needs a CUDA GPU; on CPU use --reference-only", file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name() if not args.reference_only else "cpu"
-    print_table(run(args), f"attention on {device} (torch {torch.__version__})")
+    run(args, emit=lambda rows: print_table(rows, f"attention on {device} (torch {torch.__version__})"))
     return 0
 
 

@@ -271,6 +271,7 @@ def test_bench_reference_only_runs_on_cpu(tmp_path, capsys):
 # --- on a GPU: compiled kernels, bf16, int64 offsets, default dispatch ------------------------------------
 
 
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_gpu_bf16_matches_reference(weight_grad):
@@ -284,6 +285,7 @@ def test_gpu_bf16_matches_reference(weight_grad):
         assert err <= 2 * noise + 1e-5, f"output {i}: kernel {err:.2e}, bf16 reference {noise:.2e}"
 
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_int64_row_offsets():
     # One chunk of 14,500 rows × 152,064: the buffer has 2.2e9 > 2**31 elements, so the last rows'
@@ -298,6 +300,7 @@ def test_gpu_int64_row_offsets():
     assert rel(d_hidden[rows], want_d_hidden) <= 1e-4
 
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_default_dispatch_is_triton(monkeypatch):
     calls = []

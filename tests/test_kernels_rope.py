@@ -63,6 +63,7 @@ def test_dispatch_launches_the_kernel(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(results["reference"], results["triton"]))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_rope_is_bit_identical(dtype):

@@ -289,6 +289,7 @@ def test_whole_step_on_the_kernel_path_matches_the_reference_path(dtype, tol):
         assert scale > 0 and (got[name] - grad).abs().max().item() <= tol * scale, name
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_step_on_the_kernels_is_as_accurate_as_the_reference_path():
     """Two Qwen2.5-32B-shaped layers (full width), 4,096 packed tokens in bf16 on the GPU: the
