@@ -235,3 +235,31 @@ def _csv(path):
 
     with open(path, newline="") as f:
         yield from csv.DictReader(f)
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat", "answer_tail"])
+def test_bounds_hold_for_random_vocabularies(shape):
+    """Random 200-token distributions: the truncated value is the engine's warpers on the top 20
+    alone, and the bounds from the top 20 contain the engine's untruncated value (including tails
+    that put the answers' mass outside the top 20)."""
+    gen_ = torch.Generator().manual_seed(["peaked", "flat", "answer_tail"].index(shape))
+    texts = ["A", "B", " A", " B"] + [f"t{i}" for i in range(196)]
+    for _ in range(40):
+        logits = torch.randn(200, generator=gen_, dtype=torch.float64) * (3.0 if shape == "peaked" else 0.7)
+        if shape == "answer_tail":  # the answers just below the 20th token
+            order = logits.argsort(descending=True)
+            logits[[0, 1, 2, 3]], logits[order[20:24]] = logits[order[20:24]].clone(), logits[[0, 1, 2, 3]].clone()
+        lp = torch.log_softmax(logits, -1)
+        top = lp.topk(20)
+        entries = [(texts[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
+        o = ep.first_token_outcome(entries, ("A", "B"), temperature=0.7, top_k=50, top_p=0.9)
+        full = sampling_probs(logits[None], *WARP)[0]
+        masked = torch.full_like(logits, -math.inf)
+        masked[top.indices] = logits[top.indices]
+        trunc = sampling_probs(masked[None], *WARP)[0]
+        for ans, ids in (("A", [0, 2]), ("B", [1, 3])):
+            assert o.p[ans] == pytest.approx(float(trunc[ids].sum()), abs=1e-12)
+            lo, hi = o.bounds[ans]
+            assert lo - 1e-12 <= float(full[ids].sum()) <= hi + 1e-12
+        lo, hi = o.bounds[ep.INVALID]
+        assert lo - 1e-12 <= float(full[4:].sum()) <= hi + 1e-12
