@@ -17,7 +17,7 @@ first answer token's top-20 alternatives, the model's raw log-probabilities.
 - *expected* (the paper's statistic, top-20 truncated): the paper's warpers (temperature 0.7,
   top-k 50, top-p 0.9) applied to the returned tokens as if they were the whole vocabulary,
   P(answer) = the mass of the tokens whose stripped text is the answer (`first_token_outcome`).
-  The mass outside the top 20 is unknown, so each value also gets bounds that hold for *every*
+  `statistic: "expected_top20"`. The mass outside the top 20 is unknown, so each value also gets bounds that hold for *every*
   distribution consistent with what was returned (the tail holds 1 - sum(top) raw mass, each of its
   tokens at most as likely as the 20th, any of them possibly an answer): the summary's
   `expected_accuracy_bounds` contain the untruncated value. For TruthfulQA, one token is the
@@ -53,13 +53,12 @@ from pathlib import Path
 
 from evals import EvalInputError, atomic_write_csv, atomic_write_json, check_positive, stderr_log, utc_now
 from evals.openai_client import EndpointResponseError, OpenAIClient
-from evals.paper_stats import PAPER_SAMPLING, expected_outcome
+from evals.paper_stats import PAPER_SAMPLING, STATISTICS, expected_outcome
 
 TOP_LOGPROBS = 20
 INVALID = "Invalid"
 ENDPOINT_STATISTICS = {
-    "expected": "expected value of the paper's statistic from the endpoint's top-20 log-probs: warpers (T 0.7, "
-                "top-k 50, top-p 0.9) applied to the top-20 tokens only (truncated; bounds over the unseen tail given)",
+    "expected_top20": STATISTICS["expected_top20"],
     "expected_first_token": "P(the first sampled token strips to the right answer), from the endpoint's top-20 "
                             "log-probs (warpers applied to the top 20; bounds given); assumes the answer stops there",
     "logprob": "log P(right) > log P(wrong) from the endpoint's top-20 log-probs; prompts with neither answer "

@@ -114,7 +114,8 @@ def run_truthfulqa(client, endpoint_model: str, out_dir, *, mode: str, seed: int
             rows.append({"question_index": it.question.index, "correct_letter": it.correct_letter,
                          "seeded_order": it.seeded_order, **v, "p_correct": v["p_right"],
                          "p_correct_lo": v["p_right_lo"], "p_correct_hi": v["p_right_hi"]})
-        metrics = _logprob_metrics(rows, "question_index", tqa.LETTERS, tqa.STATISTIC[mode])
+        statistic = "expected_top20" if mode == "expected" else tqa.STATISTIC[mode]
+        metrics = _logprob_metrics(rows, "question_index", tqa.LETTERS, statistic)
         seeded = [r for r in rows if r["seeded_order"]]
         metrics["greedy_accuracy"] = _rate(sum(r["greedy_correct"] for r in seeded), len(seeded))
         metrics["accuracy"] = {"robust": metrics["logprob_accuracy"], "expected": metrics["expected_accuracy"],

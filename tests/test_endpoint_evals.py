@@ -130,7 +130,7 @@ def test_truthfulqa_expected_equals_local_top20_and_bounds_hold(gen, tmp_path):
     lo, hi = s["expected_accuracy_bounds"]
     assert lo - 1e-12 <= local["expected_accuracy"] <= hi + 1e-12 and lo <= s["expected_accuracy"] <= hi
     assert hi - lo > 1e-3 and abs(local["expected_accuracy"] - s["expected_accuracy"]) > 1e-4  # the tail matters
-    assert s["accuracy"] == s["expected_accuracy"] and s["statistic"] == "expected"
+    assert s["accuracy"] == s["expected_accuracy"] and s["statistic"] == "expected_top20"
     assert s["statistic_note"] == "top-20 truncated" and s["top_logprobs"] == 20
     assert s["logprob_accuracy"] == pytest.approx(local["logprob_accuracy"])
     assert s["greedy_accuracy"] == pytest.approx(local["greedy_accuracy"])
@@ -216,7 +216,7 @@ def test_cli_endpoint_and_one_line_errors(gen, tmp_path, capsys, monkeypatch):
                        "SGTR_TEST_KEY", "--mode", "expected", "--limit", "2", "--out", str(tmp_path)])
         assert rc == 0 and server.requests[0][1]["Authorization"] == "Bearer sk-test"
     summary = json.loads((tmp_path / "truthfulqa_expected_summary.json").read_text())
-    assert summary["statistic"] == "expected" and summary["n"] == 2
+    assert summary["statistic"] == "expected_top20" and summary["n"] == 2
     with Loopback([(401, {"error": {"message": "Incorrect API key"}})]) as server:
         rc = tqa.run_cli(tqa.main, ["--endpoint", server.url, "--endpoint-model", "m", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
