@@ -109,7 +109,7 @@ def first_token_outcome(top: list[tuple[str, float]], answers: tuple[str, ...], 
         tail_slots = math.inf if not top_k else top_k - len(w)
     tail = max(0.0, 1.0 - mass)
     p_last, w_last = math.exp(lps[len(w) - 1]), w[-1]
-    if tail_slots == 0 or tail == 0.0:
+    if tail_slots == 0 or tail == 0.0 or p_last == 0.0:  # p_last 0: the reported -inf/-9999 floor; no room
         s_max = 0.0
     elif a >= 1.0:  # convex: sum q^a <= q_max^(a-1) * sum q, and at most tail_slots tokens
         s_max = min(tail_slots, tail / p_last) * w_last

@@ -215,8 +215,14 @@ def test_cli_endpoint_and_one_line_errors(gen, tmp_path, capsys, monkeypatch):
         rc = tqa.main(["--endpoint", server.url, "--endpoint-model", "tiny-local", "--endpoint-key-env",
                        "SGTR_TEST_KEY", "--mode", "expected", "--limit", "2", "--out", str(tmp_path)])
         assert rc == 0 and server.requests[0][1]["Authorization"] == "Bearer sk-test"
+        rc = sr.main(["--endpoint", server.url, "--endpoint-model", "tiny-local", "--self-name", "hf_qwen_32b",
+                      "--limit", "2", "--out", str(tmp_path)])
+        assert rc == 0
     summary = json.loads((tmp_path / "truthfulqa_expected_summary.json").read_text())
     assert summary["statistic"] == "expected_top20" and summary["n"] == 2
+    summary = json.loads((tmp_path / "self_recognition_cnn_summary.json").read_text())
+    assert summary["n_prompts"] == 4 and summary["expected_statistic"] == "expected_first_token"
+    assert (tmp_path / "self_recognition_cnn_endpoint.jsonl").read_text().count("\n") == 5  # header + 4 answers
     with Loopback([(401, {"error": {"message": "Incorrect API key"}})]) as server:
         rc = tqa.run_cli(tqa.main, ["--endpoint", server.url, "--endpoint-model", "m", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
