@@ -28,6 +28,9 @@ STATISTICS = {
                 "the model's distribution, random order (both orders averaged), exact text after stripping",
     "sampled": "one seeded draw of the paper's statistic: order and sampled answer drawn per item as the paper did",
     "greedy": "arg-max answer token, one seeded order per item (not the paper's statistic: it sampled)",
+    "expected_top20": "expectation of the paper's statistic (T 0.7, top-k 50, top-p 0.9, stripped text, both orders) "
+                      "from an endpoint's top-20 log-probs, the warpers applied to those 20 tokens only (truncated; "
+                      "expected_accuracy_bounds hold the untruncated value)",
 }
 
 

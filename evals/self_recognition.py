@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.chat import get_template
+from evals import endpoint
 from evals import (
     EvalInputError,
     EvalModel,
@@ -413,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-cache", default=None, help="cache folder for regenerated summaries (default: OUT/summary_cache)")
     p.add_argument("--summary-max-tokens", type=int, default=100, help="token limit of a regenerated summary (default 100)")
     p.add_argument("--summary-seed", type=int, default=0, help="seed of the regenerated summaries' sampling (default 0)")
+    endpoint.add_endpoint_arguments(p)
     return p
 
 
@@ -505,17 +507,22 @@ def run(model: EvalModel, out_dir: str | Path, *, self_name: str | None, other: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     conditions = parse_conditions(args.condition)
     check_positive("--summary-max-tokens", args.summary_max_tokens)
-    select_articles(Path(args.data_dir), args.dataset, args.other, args.self_name, args.regenerate_summaries,
-                    args.limit)  # bad input fails before the model is loaded
-    model = load_from_args(args)
-    summary = run(model, args.out, self_name=args.self_name, other=args.other, dataset=args.dataset, limit=args.limit,
-                  data_dir=args.data_dir, regenerate_summaries=args.regenerate_summaries,
-                  summary_cache=args.summary_cache, summary_max_tokens=args.summary_max_tokens,
-                  summary_seed=args.summary_seed, thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
-                  batch_size=args.batch_size, conditions=conditions)
+    if endpoint.check_args(parser, args):  # an OpenAI-compatible server: shipped summaries, top log-probs
+        from evals.endpoint_runs import run_self_recognition
+
+        if args.regenerate_summaries:
+            raise EvalInputError("--regenerate-summaries needs a local model (--model), not --endpoint")
+        _, other, own = select_articles(Path(args.data_dir), args.dataset, args.other, args.self_name, False, args.limit)
+        pairs, skipped = build_pairs(load_articles(Path(args.data_dir), args.dataset), own, other, args.limit)
+        summary = run_self_recognition(endpoint.make_client(args), args.endpoint_model, args.out, pairs=pairs,
+                                       dataset=args.dataset, self_name=args.self_name, other=args.other,
+                                       skipped=skipped, workers=args.endpoint_workers, conditions=conditions)
+    else:
+        summary = _run_local(args, conditions)
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     if is_main_process():
         print(f"accuracy {fmt(summary['accuracy'])} (logprob)  both_orders {fmt(summary['both_orders_accuracy'])}  "
@@ -523,6 +530,17 @@ def main(argv: list[str] | None = None) -> int:
               f"expected_accuracy {fmt(summary.get('expected_accuracy'))} (one run's sd "
               f"{fmt(summary.get('expected_sampling_sd'))})")
     return 0
+
+
+def _run_local(args: argparse.Namespace, conditions: dict) -> dict:
+    select_articles(Path(args.data_dir), args.dataset, args.other, args.self_name, args.regenerate_summaries,
+                    args.limit)  # bad input fails before the model is loaded
+    model = load_from_args(args)
+    return run(model, args.out, self_name=args.self_name, other=args.other, dataset=args.dataset, limit=args.limit,
+                  data_dir=args.data_dir, regenerate_summaries=args.regenerate_summaries,
+                  summary_cache=args.summary_cache, summary_max_tokens=args.summary_max_tokens,
+                  summary_seed=args.summary_seed, thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
+                  batch_size=args.batch_size, conditions=conditions)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ from evals import (
     token_piece,
     utc_now,
 )
+from evals import endpoint
 from evals.paper_stats import PAPER_SAMPLING, STATISTICS, expected_outcome
 from evals.prompts import truthfulqa_messages
 
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the A/B orders and of sampled mode's tokens (default 0)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--data", default=str(DEFAULT_CSV), help="TruthfulQA CSV (default: the shipped one)")
+    endpoint.add_endpoint_arguments(p)
     return p
 
 
@@ -372,15 +374,26 @@ def run(model: EvalModel, out_dir: str | Path, *, mode: str = "robust", seed: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_mode(args.mode)
     conditions = parse_conditions(args.condition)
     check_positive("--limit", args.limit)
     load_questions(args.data)  # bad data fails before the model is loaded
-    model = load_from_args(args)
-    summary = run(model, args.out, mode=args.mode, seed=args.seed, limit=args.limit, data=args.data,
-                  thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
-                  batch_size=args.batch_size, conditions=conditions)
+    if endpoint.check_args(parser, args):  # an OpenAI-compatible server instead of a local model
+        from evals.endpoint_runs import run_truthfulqa
+
+        summary = run_truthfulqa(endpoint.make_client(args), args.endpoint_model, args.out, mode=args.mode,
+                                 seed=args.seed, limit=args.limit, data=args.data, replicates=args.replicates,
+                                 send_top_k=args.send_top_k, workers=args.endpoint_workers, conditions=conditions)
+        summary.setdefault("greedy_accuracy", None)
+        summary.setdefault("expected_sampling_sd", None)
+        summary.setdefault("both_orders_accuracy", None)
+    else:
+        model = load_from_args(args)
+        summary = run(model, args.out, mode=args.mode, seed=args.seed, limit=args.limit, data=args.data,
+                      thinking_budget=args.thinking_budget, answer_prefix=args.answer_prefix,
+                      batch_size=args.batch_size, conditions=conditions)
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     line = (f"accuracy {fmt(summary['accuracy'])} ({summary['statistic']})  invalid_rate {fmt(summary['invalid_rate'])}  "
             f"greedy_accuracy {fmt(summary['greedy_accuracy'])}")
