@@ -121,14 +121,15 @@ def scored_answer(tokenizer, token_id: int, valid: tuple[str, ...]) -> str:
 
 
 # -------------------------------------------------------------------------- command line
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every model-running eval shares."""
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """Options every model-running eval shares. `required=False` for an eval that can also run
+    against an endpoint (`evals.endpoint.check_args` then requires --model and --template)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="base checkpoint directory or hub id (HF safetensors)")
+    g.add_argument("--model", required=required, help="base checkpoint directory or hub id (HF safetensors)")
     g.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="PEFT LoRA adapter directory, stacked on the base in the order given (repeatable)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
-    g.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="chat template")
+    g.add_argument("--template", required=required, choices=sorted(TEMPLATES), help="chat template")
     g.add_argument("--system-prompt", default="default", choices=("default", "empty", "omit", "replace"),
                    help="system-prompt policy (default: the template's own behaviour, as the paper)")
     g.add_argument("--system-text", default=None, help="system text for --system-prompt replace")

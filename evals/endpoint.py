@@ -250,10 +250,8 @@ def ask_all(client: OpenAIClient, model: str, jobs: list[tuple[str, list[dict], 
 
 # -------------------------------------------------------------------------------- options
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """The endpoint options; `--model`/`--template` become optional (checked by `check_args`)."""
-    for action in parser._actions:  # argparse has no public way to relax a required option
-        if action.dest in ("model", "template"):
-            action.required = False
+    """The endpoint options (the parser's --model and --template are then optional: `check_args`
+    requires them when --endpoint is absent)."""
     g = parser.add_argument_group("endpoint (instead of --model)")
     g.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
     g.add_argument("--endpoint-model", default=None, metavar="NAME", help="the served model's name")

@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pairwise self-recognition (own summary vs another source's), both orders: log-prob decisions "
                     "and the exact expectation of the paper's sampled statistic.",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, required=False)
     p.add_argument("--self-name", default=None,
                    help="summary source of the judged model (hf_qwen_32b, hf_seed_36b); optional with --regenerate-summaries")
     p.add_argument("--other", default="claude-21", help="the other summary source (default: claude-21, as the paper)")

@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Binary TruthfulQA (best answer vs best incorrect answer): robust, or the paper's statistic "
                     "(expected exactly, or a seeded sampled replicate), or greedy.",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, required=False)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", default="robust", help=f"one of {', '.join(MODES)} (default: robust)")
     p.add_argument("--seed", type=int, default=0, help="seed of the A/B orders and of sampled mode's tokens (default 0)")

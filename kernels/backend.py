@@ -49,7 +49,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def path_for(device: torch.device) -> str:
     """"triton" or "reference": the path kernels on ``device`` take, as ``use_triton`` decides
     for tensors there (the memory estimate counts per path)."""
-    choice = _setting()
+    choice = setting()
     if choice != "auto":
         return choice
     return "triton" if device.type == "cuda" and triton_available() else "reference"
