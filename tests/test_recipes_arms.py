@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 
 import pytest
@@ -63,7 +64,7 @@ def test_aliases_name_real_rows_and_producible_conditions(paper):
 
 
 def _summary(condition: str, seed: int, acc: float) -> dict:
-    return {"eval": "truthfulqa", "mode": "robust", "accuracy": acc, "paper_accuracy": acc, "_path": f"{condition}{seed}",
+    return {"eval": "truthfulqa", "mode": "robust", "accuracy": acc, "expected_accuracy": acc, "_path": f"{condition}{seed}",
             "condition": {"condition": condition, "seed": str(seed)}}
 
 
@@ -89,8 +90,11 @@ def test_standard_deviations_are_sample_sds_on_both_sides(paper):
     assert paper["hf_seed_36b_em_insecure_sgtr"]["accuracy_sd"] == 0.0011
     assert paper["hf_qwen_32b"]["n_seeds"] == 1 and paper["hf_qwen_32b"]["accuracy_sd"] is None  # undefined, not 0
     tables = group_summaries([_summary("qwen_32B", 0, 0.85)])
-    line = format_report(aggregate(tables, samples=10, paper=paper), compare_paper=True).splitlines()[2]
-    assert line.split()[-4:] == ["0.8519", "-", "0.0000", "-0.0019"]
+    lines = format_report(aggregate(tables, samples=10, paper=paper), compare_paper=True).splitlines()
+    # Right-aligned columns, named by the header; matched from the right (the CI cell has a space).
+    columns = dict(zip(reversed(re.split(r"\s{2,}", lines[1].strip())), reversed(lines[2].split())))
+    assert (columns["paper acc"], columns["paper sd"], columns["paper inv"]) == ("0.8519", "-", "0.0000")
+    assert (columns["ours (expected_accuracy)"], columns["ours sd"], columns["ours-paper"]) == ("0.8500", "-", "-0.0019")
 
 
 # ------------------------------------------------------------------ user-supplied EM files
