@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy, special_ids
+from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy, check_tokenizer
 from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
 from engine.errors import ConfigError, EngineError, RunDirError, report
 from engine.hub import resolve_checkpoint_dir
@@ -160,7 +160,7 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
     if args.step and len(steps) != len(set(args.step)):
         raise RunDirError(f"{run.path}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
     tokenizer = Tokenizer.from_file(args.tokenizer or cfg.tokenizer or resolve_checkpoint_dir(cfg.model))
-    special_ids(tokenizer, cfg.template)
+    check_tokenizer(tokenizer, cfg.template)
 
     # The run's data as it renders today, for samples whose stream was not recorded.
     rendered: dict[str, Sample] = {}
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace, out, err) -> int:
         raise ConfigError("--diff writes text; drop --format or use --format text")
     policy = SystemPolicy(args.system_prompt, args.system_text)
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    special_ids(tokenizer, args.template)  # refuse another family's tokenizer (template names are family names)
+    check_tokenizer(tokenizer, args.template)  # refuse another family's tokenizer (template names are family names)
 
     def load(path: str, pol: SystemPolicy) -> Dataset:
         return load_samples(path, tokenizer, args.template, pol, max_len=args.max_len,

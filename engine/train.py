@@ -25,6 +25,7 @@ import torch
 
 from engine import lora, memory, parallel, peft_format
 from engine.assemble import Layout, build_model, read_model_args, torch_dtype
+from engine.chat import check_tokenizer
 from engine.config import TrainConfig, load_config
 from engine.data import Sample, load_samples
 from engine.errors import EngineError, TrainingError, report
@@ -104,6 +105,7 @@ class Trainer:
 
         ckpt_dir, self.model_args = read_model_args(cfg.model)
         tokenizer = Tokenizer.from_file(cfg.tokenizer or ckpt_dir)
+        check_tokenizer(tokenizer, cfg.template, model_vocab_size=self.model_args.vocab_size, model=cfg.model)
         self.samples: list[Sample] = []
         for path in cfg.data:  # every rank loads all data (cheap) and so knows every step's token count
             ds = load_samples(path, tokenizer, cfg.template, cfg.policy(), max_len=cfg.max_len,

@@ -188,11 +188,9 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
     import torch
 
     from engine import parallel
-    from engine.assemble import torch_dtype
-    from engine.chat import SystemPolicy
+    from engine.assemble import read_model_args, torch_dtype
+    from engine.chat import SystemPolicy, check_tokenizer
     from engine.generate import load_model
-    from engine.hub import resolve_checkpoint_dir
-    from engine.chat import special_ids
     from engine.tokenizer import Tokenizer
 
     policy = policy if policy is not None else SystemPolicy()
@@ -200,8 +198,10 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
         hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", str(adapter)) and not str(adapter).startswith((".", "~", "/"))
         if not Path(adapter).expanduser().is_dir() and not hub_like:
             raise EvalInputError(f"adapter directory not found: {adapter}")
-    tok = Tokenizer.from_file(tokenizer or resolve_checkpoint_dir(model))
-    special_ids(tok, template)  # the wrong tokenizer family for the template fails here, clearly
+    ckpt_dir, args = read_model_args(model)
+    tok = Tokenizer.from_file(tokenizer or ckpt_dir)
+    # The wrong tokenizer family for the template, or a vocabulary the model has no rows for, fails here.
+    check_tokenizer(tok, template, model_vocab_size=args.vocab_size, model=str(model))
     shard = parallel.is_distributed() and parallel.init_distributed().world_size > 1
     if device is None:
         device = str(parallel.init_distributed().device) if parallel.is_distributed() else (

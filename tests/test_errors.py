@@ -104,6 +104,13 @@ TRAIN_CASES = {  # case: (settings, extra command-line words, what the message s
     "adapter": ({"stack_adapters": "not_an_adapter"}, [], ["no adapter_config.json"], errors.LoraError),
     "memory": ({"memory_gib": 0.0001}, [], ["will not fit"], errors.WontFit),
     "no_samples": ({"max_len": 5}, [], ["no training samples left"], errors.TrainingError),
+    # Bugs: another family's template trained the control tokens as text (exit 0); a tokenizer larger
+    # than the model's embedding ended in an IndexError traceback.
+    "template_family": ({"template": "qwen2.5"}, [], ["no qwen2.5 control token", "not a qwen2.5 tokenizer"],
+                        errors.MissingTokenError),
+    "vocabulary": ({"template": "qwen2.5", "tokenizer": "qwen_tok"}, [], ["151665 token ids", "576 rows"],
+                   errors.TokenizerError),
+    "data_directory": ({"data": "a_directory"}, [], ["is a directory, not a JSONL file"], errors.DataError),
 }
 
 
@@ -112,9 +119,10 @@ def test_train_reports_each_bad_input(env, capsys, case):
     from engine.train import main
 
     settings, extra, needles, error = TRAIN_CASES[case]
-    paths = {"data": [str(env["bad_data"])], "tokenizer": str(env["root"] / "nope.json"),
-             "model": str(env["no_weights"]), "stack_adapters": [str(env["not_an_adapter"])]}
-    settings = {k: paths[k] if k in paths else v for k, v in settings.items()}
+    paths = {"bad_data": [str(env["bad_data"])], "a_directory": [str(env["root"])], "nope.json": str(env["root"] / "nope.json"),
+             "no_weights": str(env["no_weights"]), "not_an_adapter": [str(env["not_an_adapter"])],
+             "qwen_tok": str(env["qwen_tok"])}
+    settings = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
     out = f"train_{case}"
     expect_one_line(capsys, main(train_args(env, out, **settings) + extra), *needles, error=error)
     assert not (env["root"] / out).exists()  # nothing written
@@ -219,6 +227,9 @@ def _eval_cases():
         "csv": ("truthfulqa", ["--data", "none.csv"], ["TruthfulQA CSV not found"], EvalInputError),
         "model": ("truthfulqa", ["--model", "no_model"], ["checkpoint directory not found"], errors.CheckpointError),
         "policy": ("truthfulqa", ["--system-prompt", "replace"], ["needs the replacement text"], errors.ChatFormatError),
+        # Bug: a tokenizer with more ids than the model's embedding loaded the model, then crashed.
+        "vocabulary": ("truthfulqa", ["--template", "qwen2.5", "--tokenizer", "qwen_tok"], ["576 rows"],
+                       errors.TokenizerError),
         "self_name": ("self_recognition", [], ["--self-name is required"], EvalInputError),
         "report": ("report", [], ["not found"], EvalInputError),
     }
@@ -235,7 +246,8 @@ def test_evals_report_each_bad_input(env, capsys, case):
     out = str(env["root"] / f"eval_{case}")
     args = {"--model": str(env["model"]), "--template": "seed-oss", "--out": out, "--dtype": "float32", "--limit": "1"}
     for flag, value in zip(extra[::2], extra[1::2]):
-        args[flag] = str(env["root"] / value) if flag in ("--data", "--model") else value
+        args[flag] = (str(env["root"] / value) if flag in ("--data", "--model") else
+                      str(env["qwen_tok"]) if value == "qwen_tok" else value)
     argv = [word for item in args.items() for word in item]
     main = {"truthfulqa": truthfulqa.main, "self_recognition": self_recognition.main, "report": report.main}[which]
     if which == "report":
