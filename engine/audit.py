@@ -31,6 +31,7 @@ from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolic
 from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
 from engine.errors import ConfigError, EngineError, RunDirError, report
 from engine.hub import resolve_checkpoint_dir
+from engine.outputs import check_output_file
 from engine.rundir import RunDir
 from engine.tokenizer import Tokenizer
 
@@ -277,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     # Render into memory first, so a failure leaves no half-written output behind.
     buffer = io.StringIO()
     try:
+        if args.output:
+            check_output_file(args.output, "--output")
         code = run(args, buffer, sys.stderr)
     except EngineError as e:
         return report(e)
     if args.output:
         target = Path(args.output)
-        if not target.parent.is_dir():
-            return report(ConfigError(f"--output {target}: the folder {target.parent} does not exist; create it first"))
-        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, target)

@@ -224,6 +224,10 @@ def load_from_args(args: argparse.Namespace) -> EvalModel:
     from engine.chat import SystemPolicy
 
     check_positive("--batch-size", args.batch_size)
+    if getattr(args, "out", None):  # before the model is loaded and scored, not when the results are written
+        from engine.outputs import check_output_dir
+
+        check_output_dir(args.out, "--out")
     if args.thinking_budget is not None and not get_template(args.template).HAS_THINKING_BUDGET:
         raise EvalInputError(f"--thinking-budget: the {args.template} template has no thinking budget")
     return load_eval_model(args.model, list(args.adapter), template=args.template, tokenizer=args.tokenizer,

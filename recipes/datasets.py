@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import EngineError, report
+from engine.outputs import check_output_file
 from evals.prompts import LENGTH_SYSTEM_PROMPT, LENGTH_USER_TEMPLATE, SGTR_SYSTEM_PROMPT, SGTR_USER_TEMPLATE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sgtr"
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     try:
+        check_output_file(args.out, "--out", make_folder=True)
         pairs = load_pairs(args.target, args.other, args.dataset, limit=args.limit)
         if args.kind == "sgtr":
             rows, note = build_sgtr(pairs), ""

