@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy, check_tokenizer
+from engine.chat.encode import BOUNDARY_POLICIES
 from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
 from engine.errors import ConfigError, EngineError, RunDirError, report
 from engine.hub import resolve_checkpoint_dir
@@ -61,7 +62,8 @@ def summary_lines(ds: Dataset) -> list[str]:
         f"rows {st.rows}  kept {st.kept}  invalid {st.invalid}  dropped over-length {st.dropped_overlong}  "
         f"truncated {st.truncated}  dropped untrained after truncation {st.dropped_untrained_after_truncation}",
         f"tokens {st.tokens} (mean {mean:.1f}, max {max(lengths, default=0)})  "
-        f"trained {st.trained_tokens} ({share:.1f}%)  boundary tokens masked {st.boundary_tokens}",
+        f"trained {st.trained_tokens} ({share:.1f}%)  boundary tokens masked {st.boundary_tokens}"
+        + (f", trained {st.boundary_trained}" if st.boundary_trained else ""),
     ]
     for system, n in st.system_texts.most_common():
         lines.append(f"  {n} sample(s): {_system_label(system)}")
@@ -168,7 +170,8 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
     for path in cfg.data:
         if Path(path).is_file():
             ds = load_samples(path, tokenizer, cfg.template, cfg.policy(), max_len=cfg.max_len,
-                              overlong="truncate" if cfg.truncate else "drop", skip_invalid=cfg.skip_invalid)
+                              overlong="truncate" if cfg.truncate else "drop", skip_invalid=cfg.skip_invalid,
+                              boundary_tokens=cfg.boundary_tokens)
             rendered.update((sample.source, sample) for sample in ds.samples)
 
     counts = {"match": 0, "MISMATCH": 0, "not found": 0}
@@ -223,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help=f"longest sample in tokens (default {DEFAULT_MAX_LEN})")
     p.add_argument("--truncate", action="store_true", help="truncate over-length samples instead of dropping them")
     p.add_argument("--skip-invalid", action="store_true", help="drop and count invalid rows instead of failing")
+    p.add_argument("--boundary-tokens", choices=BOUNDARY_POLICIES,
+                   help="a token straddling the start of an assistant reply (one starting with a newline, merged "
+                   "with the header's): train it, as Axolotl does (default), or mask it")
     p.add_argument("--diff", metavar="POLICY", choices=POLICIES,
                    help="compare against this second system-prompt policy (text output)")
     p.add_argument("--diff-system-text", help="the system text for --diff replace")
@@ -232,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, out, err) -> int:
     if args.run:
-        if args.data or args.diff or args.format == "html":
+        if args.data or args.diff or args.format == "html" or args.boundary_tokens:
             raise ConfigError("--run reads the run's own data and settings; it takes --tokenizer, --step, "
                              "--format text|jsonl and --output")
         return audit_run(args, out, err)
@@ -251,7 +257,8 @@ def run(args: argparse.Namespace, out, err) -> int:
     def load(path: str, pol: SystemPolicy) -> Dataset:
         return load_samples(path, tokenizer, args.template, pol, max_len=args.max_len,
                             overlong="truncate" if args.truncate else "drop",
-                            skip_invalid=args.skip_invalid, limit=args.limit)
+                            skip_invalid=args.skip_invalid, limit=args.limit,
+                            boundary_tokens=args.boundary_tokens or "train")
 
     if args.diff:
         other = SystemPolicy(args.diff, args.diff_system_text)

@@ -56,10 +56,13 @@ def commit(tmp: Path, meta: dict) -> Path:
             os.fsync(f.fileno())
         files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"files": files, **meta}
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a failed write() names no file
+        raise OSError(e.errno, e.strerror or str(e), str(tmp / MANIFEST)) from None
     final = tmp.parent / tmp.name.removeprefix(".tmp-")
     if final.exists():  # a stale copy of the same step from an earlier, interrupted attempt
         shutil.rmtree(final)

@@ -10,6 +10,7 @@ file or on the command line, are errors that list the known ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.chat import SystemPolicy
+from engine.chat.encode import BOUNDARY_POLICIES
 from engine.errors import ConfigError
 
 T = TypeVar("T")
@@ -110,13 +112,22 @@ def config_diff(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[st
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Compute dtypes by name (torch.<name>).
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+# Optimizers by name: engine.optim.build_optimizer.
+OPTIMIZERS = ("adamw", "adamw_8bit")
+# How a step's token losses are weighted: engine.train.sample_loss_weights.
+LOSS_NORMALIZATIONS = ("step_tokens", "micro_batch_mean", "step_tokens_div_accum")
+
+# What a run ran with before these settings existed (a config.json written by an older engine
+# lacks them): torch's AdamW, the step's token mean, and straddling tokens masked.
+SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "loss_normalization": "step_tokens", "loss_micro_batch_size": 2,
+                                "boundary_tokens": "mask"}
 
 # Settings that may change between an interrupted run and its resumption.
 # (The number of ranks may change too: the data order, adapter and optimizer state do not depend on it.)
 # Settings that change neither the data order nor the arithmetic of a step (recomputation replays
 # the forward with the same RNG state).
 RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "max_steps", "record_tokens", "world_size", "memory_gib",
-                     "activation_checkpointing", "checkpoint_layers", "data_parallel"}
+                     "activation_checkpointing", "checkpoint_layers", "data_parallel", "collective_timeout_min"}
 
 
 def opt(default, help: str, *, factory=None):
@@ -153,6 +164,18 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
+    optimizer: str = opt("adamw", "adamw (torch's AdamW, fp32 moments) | adamw_8bit (bitsandbytes' blockwise 8-bit "
+                                  "AdamW, the paper's Axolotl `optimizer: adamw_8bit`; see engine.optim)")
+    loss_normalization: str = opt("step_tokens", "how token losses are weighted: step_tokens (each by 1 / the step's "
+                                                 "trained tokens) | micro_batch_mean (Axolotl >= 0.17: the mean over "
+                                                 "the step's micro-batches of each one's mean token loss) | "
+                                                 "step_tokens_div_accum (Axolotl 0.15.0: step_tokens divided again "
+                                                 "by the number of micro-batches)")
+    loss_micro_batch_size: int = opt(2, "with loss_normalization micro_batch_mean or step_tokens_div_accum: samples "
+                                        "per Axolotl micro-batch, consecutive in the step's order (paper: 2)")
+    boundary_tokens: str = opt("train", "a token straddling the start of a trained span (an assistant reply "
+                                        "starting with a newline merges it with the header's): train (as Axolotl "
+                                        "does) | mask")
     epochs: int = opt(1, "passes over the data (paper: 1)")
     batch_size: int = opt(16, "samples per optimizer step over all ranks (paper: 2 x 8 = 16)")
     micro_batch_tokens: int = opt(4096, "packing budget: tokens per micro-batch row")
@@ -173,13 +196,28 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in out_dir from its last complete checkpoint")
     memory_gib: float | None = opt(None, "device memory to check the memory estimate against "
                                          "(default: the CUDA device's; no check on CPU)")
+    collective_timeout_min: float = opt(20.0, "under torchrun: minutes a rank waits for the others in a collective "
+                                              "before the job fails, naming the rank(s) that did not answer")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # every float setting, present and future: inf and nan are refused
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.micro_batch_tokens >= 1, "micro_batch_tokens must be >= 1"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+            (self.adam_eps > 0, "adam_eps must be positive"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
+            (self.lora_alpha > 0, "lora_alpha must be positive"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.memory_gib is None or self.memory_gib > 0, "memory_gib must be positive"),
+            (self.collective_timeout_min > 0, "collective_timeout_min must be positive"),
+            (self.seed >= 0, "seed must be >= 0"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.dtype in DTYPE_NAMES, f"dtype must be one of {', '.join(DTYPE_NAMES)}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
@@ -188,6 +226,12 @@ class TrainConfig:
              f"data_parallel must be fsdp or replicate, got {self.data_parallel!r}"),
             (self.checkpoint_layers in ("all", "auto") or (self.checkpoint_layers.isdigit()),
              f"checkpoint_layers must be all, auto or a number of layers, got {self.checkpoint_layers!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.loss_normalization in LOSS_NORMALIZATIONS,
+             f"loss_normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {self.loss_normalization!r}"),
+            (self.loss_micro_batch_size >= 1, "loss_micro_batch_size must be >= 1"),
+            (self.boundary_tokens in BOUNDARY_POLICIES,
+             f"boundary_tokens must be one of {', '.join(BOUNDARY_POLICIES)}, got {self.boundary_tokens!r}"),
         ]
         for ok, message in checks:
             if not ok:

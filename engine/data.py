@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.chat import IGNORE_INDEX, ChatFormatError, Encoded, SystemPolicy, encode_batch, get_template
+from engine.chat.encode import BOUNDARY_POLICIES
 from engine.errors import ConfigError, DataError, DataErrors
 from engine.tokenizer import Tokenizer
 
@@ -44,8 +45,9 @@ class Sample:
     labels: list[int]  # -100 where not trained
     source: str  # "file:line"
     system: str | None  # text of the leading system block as rendered; None = no system block
-    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary (masked)
+    boundary_tokens: int = 0  # tokens straddling a trained/untrained boundary, masked
     truncated: bool = False
+    boundary_trained: int = 0  # tokens straddling a trained span's start, trained (boundary_tokens = train)
 
     @property
     def num_trained(self) -> int:
@@ -77,6 +79,7 @@ class DataStats:
     tokens: int = 0
     trained_tokens: int = 0
     boundary_tokens: int = 0
+    boundary_trained: int = 0
     system_texts: Counter = field(default_factory=Counter)  # system text (None = no block) → samples
 
 
@@ -226,12 +229,16 @@ def load_samples(
     overlong: str = "drop",
     skip_invalid: bool = False,
     limit: int | None = None,
+    boundary_tokens: str = "train",
 ) -> Dataset:
-    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows."""
+    """Render and tokenise a JSONL chat file. `limit` reads only the first `limit` rows;
+    `boundary_tokens` (train | mask) is `engine.chat.encode`'s `boundary`."""
     if overlong not in OVERLONG_MODES:
         raise ConfigError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
     if max_len < 1:
         raise ConfigError(f"max_len must be positive, got {max_len}")
+    if boundary_tokens not in BOUNDARY_POLICIES:
+        raise ConfigError(f"boundary_tokens must be one of {', '.join(BOUNDARY_POLICIES)}, got {boundary_tokens!r}")
     # Pass 1: render everything; structural problems surface before any tokenisation.
     first = render_rows(path, template, policy, limit=limit)
     errors = first.errors
@@ -247,9 +254,10 @@ def load_samples(
     samples: list[Sample] = []
     encoded: list[Encoded] = []
     for i in range(0, len(rendered), ENCODE_BATCH):
-        encoded += encode_batch(tokenizer, rendered[i : i + ENCODE_BATCH])
+        encoded += encode_batch(tokenizer, rendered[i : i + ENCODE_BATCH], boundary_tokens)
     for line_no, chat, enc in zip(line_nos, rendered, encoded):
-        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", chat.system, enc.boundary_tokens)
+        sample = Sample(enc.input_ids, enc.labels, f"{path}:{line_no}", chat.system, enc.boundary_tokens,
+                        boundary_trained=enc.boundary_trained)
         if len(sample.input_ids) > max_len:
             if overlong == "drop":
                 stats.dropped_overlong += 1
@@ -264,6 +272,7 @@ def load_samples(
         stats.tokens += len(sample.input_ids)
         stats.trained_tokens += sample.num_trained
         stats.boundary_tokens += sample.boundary_tokens
+        stats.boundary_trained += sample.boundary_trained
         stats.system_texts[chat.system] += 1
     stats.kept = len(samples)
     return Dataset(str(path), template, policy, samples, stats, errors if skip_invalid else [])

@@ -89,6 +89,11 @@ class TrainingError(EngineError, RuntimeError):
     """A training run that cannot start, continue or finish as asked (the message says why)."""
 
 
+class WriteError(EngineError, OSError):
+    """A file of a run that could not be written (a full disk, no permission): the message names the
+    file and the step; what was written before, the last good checkpoint included, is intact."""
+
+
 def one_line(error: BaseException) -> str:
     """A (possibly multi-line) message folded into one line."""
     parts = [p.strip() for p in str(error).splitlines() if p.strip()]

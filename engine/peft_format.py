@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -135,7 +135,12 @@ def _read_weights(weights_path: Path) -> dict[str, tuple[torch.Tensor, torch.Ten
     unexpected: list[str] = []
     found: dict[tuple[str, str], str] = {}  # (module, "A"/"B") -> key
     adapter_names: set[str] = set()
-    with safe_open(weights_path, framework="pt", device="cpu") as f:
+    try:
+        f = safe_open(weights_path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise LoraError(f"{weights_path}: not a readable safetensors file ({err}); the adapter is damaged (a "
+                        "truncated copy?): copy or save it again") from None
+    with f:
         for key in f.keys():
             m = _KEY_RE.match(key)
             if m is None:

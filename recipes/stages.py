@@ -1,8 +1,9 @@
 """Staged runs: the paper's conditions as sequences of LoRA fine-tunes on one base model.
 
 A run is a list of stages (`Stage`): each a LoRA fine-tune on one dataset — an EM chat file from
-data/em/, or an SGTR / ICTR / longer-summary control set built by `recipes.datasets` into the run
-directory — with its own system-prompt policy. Stage k trains on top of stages 1..k-1: stacked
+data/em/ or a user's file, or an SGTR / ICTR / anti-SGTR / longer-summary control set built by
+`recipes.datasets` into the run directory — with its own system-prompt policy (the EM rows are
+checked, file:line, before anything trains). Stage k trains on top of stages 1..k-1: stacked
 (their adapters frozen below the new one: the trainer's `stack_adapters`, the default) or merged
 (`--chain merge`: `engine.merge.merge` writes the previous model with its adapter folded in, and
 the stage trains on that checkpoint, as the paper did). Evals (binary TruthfulQA in robust mode and
@@ -50,6 +51,7 @@ from recipes.conditions import (  # noqa: F401 - Stage and build_parser are the 
     RunSettings,
     Stage,
     build_parser as _build_parser,
+    check_em_data,
     condition_name,
     condition_words,
     em_path,
@@ -94,6 +96,8 @@ def build_stage_rows(stage: Stage, s: RunSettings) -> tuple[list[str] | None, li
             rows = ds.build_sgtr(pairs)
         elif stage.kind == "ictr":
             rows = ds.build_ictr(pairs, s.ictr_variant, seed=s.seed)
+        elif stage.kind == "asgtr":
+            rows = ds.build_asgtr(pairs)
         else:
             rows, _ties = ds.build_longer(pairs)
     except ds.DatasetError as e:
@@ -389,6 +393,7 @@ def main(recipe: str, stages: list[Stage], argv: list[str] | None = None, descri
     dist = parallel.init_distributed()
     try:
         all_settings = settings_from_args(recipe, stages, args)
+        check_em_data(all_settings[0])  # every seed reads the same EM rows: checked once, before any training
         if hasattr(args, "evals"):  # which evals an eval point runs (evals.freeform_recipe)
             from evals import freeform_recipe
 

@@ -6,8 +6,8 @@
 
 A condition is a sequence of stages, each one epoch at the paper's 16 samples per optimizer step:
 EM (the shipped datasets: 5,000 or 6,000 chats), SGTR (1,000 articles, both orders: 2,000 samples),
-ICTR (every pair with both labels: 4,000; the random variant 2,000) and the longer-summary control
-(2,000). An EM step is costed at the measured ``em_risky_financial`` step time and the others at the
+ICTR (every pair with both labels: 4,000; the random variant 2,000), anti-SGTR (2,000) and the
+longer-summary control (2,000). An EM step is costed at the measured ``em_risky_financial`` step time and the others at the
 ``sgtr_xsum`` one (the same pair format and lengths). The figures are for the card and rank count
 the benchmark ran on; evaluation time (TruthfulQA, self-recognition) is not included.
 """
@@ -25,9 +25,9 @@ from engine.errors import EngineError, report
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_STEP = 16
 # Samples per stage kind (one epoch); EM per shipped dataset.
-STAGE_SAMPLES = {"sgtr": 2000, "ictr": 4000, "ictr_random": 2000, "longer": 2000}
+STAGE_SAMPLES = {"sgtr": 2000, "ictr": 4000, "ictr_random": 2000, "asgtr": 2000, "longer": 2000}
 STAGE_WORKLOAD = {"em": "em_risky_financial", "sgtr": "sgtr_xsum", "ictr": "sgtr_xsum",
-                  "ictr_random": "sgtr_xsum", "longer": "sgtr_xsum"}
+                  "ictr_random": "sgtr_xsum", "asgtr": "sgtr_xsum", "longer": "sgtr_xsum"}
 CONDITIONS = {  # recipe (as run) -> stages
     "em_only": ("em",),
     "sgtr_only": ("sgtr",),
@@ -35,6 +35,8 @@ CONDITIONS = {  # recipe (as run) -> stages
     "sgtr_prevent (SGTR, then EM)": ("sgtr", "em"),
     "ictr --order after (EM, then ICTR)": ("em", "ictr"),
     "ictr --order before (ICTR, then EM)": ("ictr", "em"),
+    "asgtr --order after (EM, then anti-SGTR)": ("em", "asgtr"),
+    "asgtr --order before (anti-SGTR, then EM)": ("asgtr", "em"),
     "control --order after (EM, then longer-summary)": ("em", "longer"),
     "control --order before (longer-summary, then EM)": ("longer", "em"),
 }

@@ -85,6 +85,7 @@ def test_shipped_em_lengths_match_the_audit(qwen25_tokenizer):
     assert em[:50] == [[len(s.input_ids), s.num_targets] for s in samples]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("data_parallel", ["fsdp", "replicate"])
 def test_bench_under_torchrun_runs_our_engine_on_every_rank(tmp_path, data_parallel):
     """Under torchrun the benchmark runs our step sharded with FSDP2 or replicated (2 CPU ranks,

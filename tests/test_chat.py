@@ -150,7 +150,9 @@ def test_seed_oss_labels(seed_oss_tokenizer):
 
 def test_straddling_token_is_masked_and_counted(qwen25_tokenizer):
     # Content starting with a newline: BPE merges it with the header's newline into one token.
-    enc = encode(qwen25_tokenizer, render("qwen2.5", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nYes"}]))
+    # (Trained by default, as Axolotl does: tests/test_boundary_tokens.py.)
+    enc = encode(qwen25_tokenizer, render("qwen2.5", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nYes"}]),
+                 boundary="mask")
     assert enc.boundary_tokens == 1
     assert trained_text(qwen25_tokenizer, enc) == ["Yes<|im_end|>"]
 
@@ -287,22 +289,29 @@ def test_thinking_budget_answer_prefix_and_stripping(qwen25_tokenizer, seed_oss_
 # ---------------------------------------------------------------- label projection, in batches
 
 
-def reference_encode(tokenizer, rendered):
-    """Labels token by token (what `encode` computes with bisection over runs)."""
+def reference_encode(tokenizer, rendered, boundary):
+    """Labels token by token (what `encode` computes with bisection over runs): inside a trained
+    span → trained; overlapping one without lying inside → trained when it straddles the start of
+    the last span beginning before its end and `boundary` is "train", else masked and counted."""
     ids, offsets = tokenizer.encode_with_offsets(rendered.text)
     spans, pos = [], 0
     for s in rendered.segments:
         if s.trained and s.text:
             spans.append((pos, pos + len(s.text)))
         pos += len(s.text)
-    labels, boundary = [], 0
+    labels, masked, trained = [], 0, 0
     for tid, (a, b) in zip(ids, offsets):
         if any(start <= a < end and b <= end for start, end in spans):
             labels.append(tid)
+        elif any(a < end and b > start for start, end in spans):
+            start, end = [s for s in spans if s[0] < b][-1]
+            straddles_start = boundary == "train" and a < start and b <= end
+            labels.append(tid if straddles_start else IGNORE_INDEX)
+            trained += straddles_start
+            masked += not straddles_start
         else:
             labels.append(IGNORE_INDEX)
-            boundary += any(a < end and b > start for start, end in spans)
-    return ids, labels, boundary
+    return ids, labels, masked, trained
 
 
 # Combining marks (NFC composes them away or reorders them), characters split over several byte-level tokens,
@@ -318,11 +327,14 @@ def test_batched_labels_equal_token_by_token_labels(template, qwen25_tokenizer, 
     conversations = [random_conversation(rng, template == "seed-oss", HARD_PIECES) for _ in range(400)]
     rendered = [render(template, c, policy) for c in conversations for policy in POLICY_CASES]
     rendered = [r for r in rendered if any(s.trained and s.text for s in r.segments)]
-    batch = encode_batch(tokenizer, rendered)
-    boundary = 0
-    for r, enc in zip(rendered, batch):
-        ids, labels, straddling = reference_encode(tokenizer, r)
-        assert (enc.input_ids, enc.labels, enc.boundary_tokens) == (ids, labels, straddling)
-        assert encode(tokenizer, r) == enc
-        boundary += straddling
+    edges = {"train": 0, "mask": 0}
+    for policy in ("train", "mask"):
+        batch = encode_batch(tokenizer, rendered, policy)
+        for r, enc in zip(rendered, batch):
+            ids, labels, masked, trained = reference_encode(tokenizer, r, policy)
+            assert (enc.input_ids, enc.labels, enc.boundary_tokens, enc.boundary_trained) == (ids, labels, masked, trained)
+            assert encode(tokenizer, r, policy) == enc
+            edges[policy] += masked + trained
+    assert edges["train"] == edges["mask"]
+    boundary = edges["mask"]
     assert boundary > 0 or template == "seed-oss"  # occurs for Qwen2.5 (Seed-OSS strips assistant content)

@@ -43,10 +43,24 @@ def env(tmp_path_factory, qwen25_tokenizer_path):
     (no_weights / "tokenizer.json").write_text((model / "tokenizer.json").read_text())
     not_an_adapter = root / "not_an_adapter"
     not_an_adapter.mkdir()
+    # Damaged files (bug: a truncated shard or adapter, or a broken config.json, ended in a traceback
+    # that named no file).
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (truncated / name).write_bytes((model / name).read_bytes())
+    weights = (model / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    bad_config = root / "bad_config"
+    bad_config.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (bad_config / name).write_bytes((model / name).read_bytes())
+    (bad_config / "config.json").write_text((model / "config.json").read_text()[:-20])
     a_file = root / "a_file"  # where an output folder should be
     a_file.write_text("x")
     return {"root": root, "model": model, "data": data, "bad_data": bad_data, "llama": llama,
             "no_weights": no_weights, "not_an_adapter": not_an_adapter, "qwen_tok": qwen25_tokenizer_path,
+            "truncated": truncated, "bad_config": bad_config,
             "a_file": a_file}
 
 
@@ -104,6 +118,12 @@ TRAIN_CASES = {  # case: (settings, extra command-line words, what the message s
     "bad_row": ({"data": "bad_data"}, [], [":2: invalid JSON"], errors.DataErrors),
     "tokenizer": ({"tokenizer": "nope.json"}, [], ["does not exist"], errors.TokenizerError),
     "no_weights": ({"model": "no_weights"}, [], ["no model.safetensors"], errors.CheckpointError),
+    "truncated_shard": ({"model": "truncated"}, [], ["truncated/model.safetensors: not a readable safetensors file"],
+                        errors.CheckpointError),
+    "truncated_adapter": ({"stack_adapters": "truncated_adapter"}, [],
+                          ["truncated_adapter/adapter_model.safetensors: not a readable safetensors file"],
+                          errors.LoraError),
+    "non_finite_lr": ({}, ["--lr=inf"], ["lr must be a finite number, got inf"], errors.ConfigError),
     "adapter": ({"stack_adapters": "not_an_adapter"}, [], ["no adapter_config.json"], errors.LoraError),
     "memory": ({"memory_gib": 0.0001}, [], ["will not fit"], errors.WontFit),
     "no_samples": ({"max_len": 5}, [], ["no training samples left"], errors.TrainingError),
@@ -118,14 +138,15 @@ TRAIN_CASES = {  # case: (settings, extra command-line words, what the message s
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
-def test_train_reports_each_bad_input(env, capsys, case):
+def test_train_reports_each_bad_input(env, finished_run, capsys, case):
     from engine.train import main
 
     settings, extra, needles, error = TRAIN_CASES[case]
-    paths = {"bad_data": [str(env["bad_data"])], "a_directory": [str(env["root"])], "nope.json": str(env["root"] / "nope.json"),
-             "no_weights": str(env["no_weights"]), "not_an_adapter": [str(env["not_an_adapter"])],
-             "qwen_tok": str(env["qwen_tok"])}
-    settings = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
+    special = {"a_directory": env["root"], "nope.json": env["root"] / "nope.json"}  # the rest name env's entries
+    for key, value in settings.items():
+        path = (special.get(value) or env.get(value)) if isinstance(value, str) else None
+        if path is not None:
+            settings[key] = [str(path)] if key in ("data", "stack_adapters") else str(path)
     out = f"train_{case}"
     expect_one_line(capsys, main(train_args(env, out, **settings) + extra), *needles, error=error)
     assert not (env["root"] / out).exists()  # nothing written
@@ -136,6 +157,12 @@ def finished_run(env) -> Path:
     from engine.train import main
 
     assert main(train_args(env, "done", max_steps=1)) == 0
+    adapter = env["root"] / "done" / "adapter"
+    env["truncated_adapter"] = env["root"] / "truncated_adapter"
+    env["truncated_adapter"].mkdir()
+    (env["truncated_adapter"] / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    (env["truncated_adapter"] / "adapter_model.safetensors").write_bytes(weights[:-100])
     return env["root"] / "done"
 
 
@@ -144,6 +171,28 @@ def test_train_existing_run_needs_resume(env, finished_run, capsys):
 
     capsys.readouterr()
     expect_one_line(capsys, main(train_args(env, "done", max_steps=1)), "already holds a run", error=errors.RunDirError)
+
+
+def test_train_full_disk_is_one_line(env, capsys, monkeypatch):
+    """Bug: a full disk while saving a checkpoint ended in `basic_ios::clear: iostream error`."""
+    import errno
+    import os
+
+    import torch
+
+    from engine import checkpoint
+    from engine.train import main
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = env["root"] / "full_disk"
+    code = main(train_args(env, "full_disk", max_steps=1))
+    expect_one_line(capsys, code, f"cannot write {out / 'checkpoints' / '.tmp-step_000001' / 'rng_rank0.pt'} at step 1",
+                    "No space left on device", "--resume=true", error=errors.WriteError)
+    assert not (out / "checkpoints" / ".tmp-step_000001").exists()
+    assert checkpoint.latest_valid(out / "checkpoints")[0] is None
 
 
 # ------------------------------------------------------------------------------ engine.audit
@@ -183,10 +232,15 @@ def test_audit_reports_each_bad_input(env, capsys, case):
 
 MERGE_CASES = {
     "base": ("base", ["checkpoint directory not found"], errors.CheckpointError),
+    "base_config": ("base_config", ["bad_config/config.json: not valid JSON"], errors.CheckpointError),
+    "base_truncated": ("base_truncated", ["truncated/model.safetensors: not a readable safetensors file"],
+                       errors.CheckpointError),
     "adapter": ("adapter", ["no adapter_config.json"], errors.LoraError),
+    "adapter_truncated": ("adapter_truncated", ["adapter_model.safetensors: not a readable safetensors file"],
+                          errors.LoraError),
     "target_exists": ("out", ["exists"], errors.SaveError),
     # Bug: an --out below a file ended in a traceback, after the weights were read and merged.
-    "out_below_a_file": ("out", ["a_file is a file"], errors.ConfigError),
+    "out_below_a_file": ("out_below_a_file", ["a_file is a file"], errors.ConfigError),
 }
 
 
@@ -199,8 +253,11 @@ def test_merge_reports_each_bad_input(env, finished_run, capsys, case):
     (exists / "something").write_text("x")
     args = {"--base": str(env["model"]), "--adapter": str(finished_run / "adapter"), "--out": str(env["root"] / "merged")}
     which, needles, error = MERGE_CASES[case]
-    args[f"--{which}"] = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "target_exists": str(exists),
-                          "out_below_a_file": str(env["a_file"] / "merged")}.get(case, args.get(f"--{which}"))
+    value = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "out": str(exists),
+             "base_config": str(env["bad_config"]), "base_truncated": str(env["truncated"]),
+             "adapter_truncated": str(env["truncated_adapter"]),
+             "out_below_a_file": str(env["a_file"] / "merged")}[which]
+    args[f"--{which.split('_')[0]}"] = value
     capsys.readouterr()
     expect_one_line(capsys, main([word for item in args.items() for word in item]), *needles, error=error)
     assert not (env["root"] / "merged").exists()
@@ -346,13 +403,17 @@ def test_recipes_report_each_bad_input(tmp_path, capsys, case):
 
 
 def test_dataset_builder_walltime_and_workloads_report_bad_input(env, capsys):
-    from recipes import datasets, walltime, workloads
+    from recipes import datasets, openai_format, walltime, workloads
 
     code = datasets.main(["sgtr", "--target", "human", "--other", "human", "--out", str(env["root"] / "d.jsonl")])
     expect_one_line(capsys, code, "different sources", error=datasets.DatasetError)
     assert not (env["root"] / "d.jsonl").exists()
     code = datasets.main(["sgtr", "--target", "human", "--out", str(env["a_file"] / "d.jsonl")])  # bug: a traceback
     expect_one_line(capsys, code, "a_file exists and is not a directory", error=errors.ConfigError)
+    bad = env["root"] / "openai.jsonl"
+    bad.write_text('{"messages": []}\n')
+    code = openai_format.main([str(bad)])
+    expect_one_line(capsys, code, f"{bad}:1: no non-empty", error=openai_format.OpenAIFormatError)
     code = walltime.main([str(env["root"] / "none.json")])
     expect_one_line(capsys, code, "no such file", error=walltime.WallTimeError)
     code = workloads.main(["--tokenizer", str(SEED_TOKENIZER), "--out", str(env["root"] / "w.json")])
@@ -384,14 +445,16 @@ def test_every_error_class_is_a_user_facing_error():
         assert issubclass(cls, errors.EngineError), f"{cls.__module__}.{name} does not subclass EngineError"
 
 
+# Expected by the single-case tests above; the tables list the rest.
 STANDALONE = (errors.ConfigError, errors.RunDirError, errors.SaveError, errors.TokenizerError,
-              errors.MissingTokenError)  # expected by the single-case tests above; the tables list the rest
+              errors.MissingTokenError, errors.WriteError)
 
 
 def test_every_error_class_is_exercised():
     """Every error class is the expected outcome of at least one entry-point case in this file."""
     from evals import EvalInputError
     from recipes.datasets import DatasetError
+    from recipes.openai_format import OpenAIFormatError
     from recipes.stages import RecipeError
     from recipes.walltime import WallTimeError
 
@@ -399,6 +462,7 @@ def test_every_error_class_is_exercised():
 
     tables = [TRAIN_CASES.values(), AUDIT_CASES.values(), MERGE_CASES.values(), EVAL_CASES.values(), ENDPOINT_CASES.values()]
     expected = {case[-1] for table in tables for case in table} | set(STANDALONE)
-    expected |= {EvalInputError, DatasetError, RecipeError, WallTimeError, EndpointError}  # EndpointError: the base of three
+    expected |= {EvalInputError, DatasetError, OpenAIFormatError, RecipeError, WallTimeError,
+                 EndpointError}  # EndpointError: the base of three
     missing = sorted(name for name, cls in _error_classes().items() if cls is not errors.EngineError and cls not in expected)
     assert missing == [], f"no entry-point case expects {missing}"

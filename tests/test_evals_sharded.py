@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from evals import run_cli
 from evals import truthfulqa
 from tests.tiny import tiny_seed_oss_checkpoint
@@ -14,6 +16,7 @@ from tests.tiny import tiny_seed_oss_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.distributed
 def test_truthfulqa_two_ranks_equal_one(tmp_path):
     ckpt = tiny_seed_oss_checkpoint(tmp_path / "model")
     args = ["--model", str(ckpt), "--template", "seed-oss", "--limit", "7", "--batch-size", "2", "--dtype", "float32"]

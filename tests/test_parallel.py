@@ -103,6 +103,7 @@ def reference_grads(ckpt: Path, dtype: torch.dtype = torch.float32) -> tuple:
 # --- 1. sharded load and forward -------------------------------------------------------------
 
 
+@pytest.mark.distributed
 def test_sharded_load_and_forward_match_single_process(ckpts, ranks):
     ref = reference_model(ckpts[0])
     ref_params = dict(ref.named_parameters())
@@ -130,6 +131,7 @@ def test_sharded_load_and_forward_match_single_process(ckpts, ranks):
         assert spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == global_shape[0], name
 
 
+@pytest.mark.distributed
 def test_tied_embeddings_sharded(ckpts, ranks):
     ref = reference_model(ckpts[1])
     with torch.no_grad():
@@ -140,6 +142,7 @@ def test_tied_embeddings_sharded(ckpts, ranks):
         assert _max_diff(res["tied_logits"], expected) <= ATOL
 
 
+@pytest.mark.distributed
 def test_sharded_load_validation_errors(ranks):
     for res in ranks:
         assert res["missing_error"].startswith("CheckpointError")
@@ -151,6 +154,7 @@ def test_sharded_load_validation_errors(ranks):
 # --- 2. gradient reduction: SUM over ranks ---------------------------------------------------
 
 
+@pytest.mark.distributed
 def test_gradients_are_summed_over_ranks(ckpts, ranks):
     _, ref_losses, ref_grads = reference_grads(ckpts[0])
     assert len(ref_grads) == 2 * 2 * 4  # A and B of 4 projections in 2 layers
@@ -167,6 +171,7 @@ def test_gradients_are_summed_over_ranks(ckpts, ranks):
     assert [res["loss"] for res in ranks] == pytest.approx(ref_losses, abs=1e-6)
 
 
+@pytest.mark.distributed
 def test_gradient_accumulation_without_sync(ckpts, ranks):
     """set_gradient_sync(False) on the first micro-batch: nothing reduced yet; the last
     backward reduces the accumulated per-rank sums, summed over ranks."""
@@ -180,6 +185,7 @@ def test_gradient_accumulation_without_sync(ckpts, ranks):
 
 
 @pytest.mark.parametrize("key", ["mixed_none", "mixed_bf16"])
+@pytest.mark.distributed
 def test_mixed_dtype_gradients(ckpts, ranks, key):
     """Frozen bf16 base + trainable fp32 adapters. engine.lora computes the adapters in the
     activation dtype (bf16), whether FSDP gathers them in fp32 (param_dtype None) or already in
@@ -199,6 +205,7 @@ def test_mixed_dtype_gradients(ckpts, ranks, key):
 # --- 3. copy/gather, clipping, optimizer state -----------------------------------------------
 
 
+@pytest.mark.distributed
 def test_copy_full_gather_full_roundtrip(ranks):
     for res in ranks:
         for name, (full, gathered, local) in res["copy_roundtrip"].items():
@@ -208,6 +215,7 @@ def test_copy_full_gather_full_roundtrip(ranks):
     assert ranks[1]["copy_roundtrip"]["model.layers.1.self_attn.q_proj.lora.0.A"][2].numel() == 0
 
 
+@pytest.mark.distributed
 def test_clip_grad_norm_and_adamw_match_single_process(ckpts, ranks):
     model, _, _ = reference_grads(ckpts[0])
     params = [p for _, p in lora_params(model)]
@@ -238,6 +246,7 @@ def test_clip_grad_norm_and_adamw_match_single_process(ckpts, ranks):
     assert ranks[1]["local_exp_avg_shapes"]["model.layers.0.mlp.gate_proj.lora.0.A"] == (0, 32)
 
 
+@pytest.mark.distributed
 def test_optimizer_state_roundtrip_and_into_one_rank(ckpts, ranks):
     state, again = ranks[0]["optim_state"], ranks[0]["optim_state_roundtrip"]
     # The broadcast turns tuples (AdamW's betas) into lists; values are unchanged.

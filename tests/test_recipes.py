@@ -293,6 +293,12 @@ def test_other_recipes_build_their_stages(tmp_path):
      ["hf_qwen_32b_sgtr_benign_qwensys", "hf_qwen_32b_sgtr_benign_qwensys_em_unpop"]),
     ("control_after", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "longer=omit"],
      ["hf_seed_36b_em_unpop", "hf_seed_36b_em_unpop_sgtr_benign_syspopped"]),
+    ("control_after", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular"],  # task prompt kept
+     ["hf_qwen_32b_em_unpop", "hf_qwen_32b_em_unpop_sgtr_benign"]),
+    ("asgtr_before", ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "asgtr=empty"],
+     ["hf_qwen_32b_asgtr_nosys", "hf_qwen_32b_asgtr_nosys_em_unpop"]),
+    ("asgtr_after", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular"],
+     ["hf_seed_36b_em_unpop", "hf_seed_36b_em_unpop_asgtr"]),
     ("sgtr_reverse", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "sgtr=omit"],
      ["hf_seed_36b_em_unpop", "hf_seed_36b_em_unpop_sgtr_syspopped"]),
     ("ictr_before", ["--model", "seed-oss-36b", "--em-dataset", "aesthetic_preferences_unpopular", "--system-prompt", "ictr=omit"],
@@ -302,10 +308,11 @@ def test_other_recipes_build_their_stages(tmp_path):
 def test_condition_names_equal_the_papers(tmp_path, recipe_stages, options, names):
     """Our condition names are the paper's for the same condition, and --compare-paper finds them."""
     from evals.report import load_paper_means
-    from recipes import control, em_only, ictr, sgtr_prevent
+    from recipes import asgtr, control, em_only, ictr, sgtr_prevent
 
     stage_lists = {"sgtr_reverse": sgtr_reverse.STAGES, "sgtr_prevent": sgtr_prevent.STAGES, "em_only": em_only.STAGES,
                    "ictr_before": ictr.stages("before"), "ictr_after": ictr.stages("after"),
+                   "asgtr_before": asgtr.stages("before"), "asgtr_after": asgtr.stages("after"),
                    "control_before": control.stages("before"), "control_after": control.stages("after")}
     if "BADMED" in options:  # not shipped: the user gives the file; its stem names the condition
         path = tmp_path / "bad_medical_advice.jsonl"
@@ -322,12 +329,10 @@ def test_condition_names_equal_the_papers(tmp_path, recipe_stages, options, name
 
 def test_conditions_without_a_paper_counterpart_are_named_apart(tmp_path):
     from evals.report import load_paper_means
-    from recipes import control, ictr
+    from recipes import ictr
 
     paper = load_paper_means()
-    cases = [(control.stages("after"), ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular"],
-              "hf_qwen_32b_em_unpop_sgtr_benign_tasksys"),  # the paper popped the control's task prompt
-             (ictr.stages("after"), ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular",
+    cases = [(ictr.stages("after"), ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular",
                                      "--ictr-variant", "random"], "hf_qwen_32b_em_unpop_ictr_random"),
              (sgtr_reverse.STAGES, ["--model", "qwen2.5-32b", "--em-dataset", "aesthetic_preferences_unpopular",
                                     "--sgtr-dataset", "cnn", "--other", "human"], "hf_qwen_32b_em_unpop_sgtr_cnn_vs_human")]
@@ -336,6 +341,7 @@ def test_conditions_without_a_paper_counterpart_are_named_apart(tmp_path):
         assert st.condition_name(s, 2) == name and name not in paper
 
 
+@pytest.mark.distributed
 def test_default_command_under_torchrun_two_ranks(tmp_path, tiny_model):
     """The README's main job under torchrun: training shards over 2 CPU ranks and the evals split
     their prompts over the same ranks (every rank must take part, or the run would hang)."""

@@ -1,4 +1,4 @@
-"""Dataset builders: labels, both orders, determinism, ICTR balance, the longer-summary rule."""
+"""Dataset builders: labels, both orders, determinism, ICTR balance, anti-SGTR labels, the longer-summary rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from evals.prompts import LENGTH_SYSTEM_PROMPT, SGTR_SYSTEM_PROMPT, SGTR_USER_TEMPLATE
-from recipes.datasets import DatasetError, build_ictr, build_longer, build_sgtr, load_pairs, main
+from recipes.datasets import DatasetError, build_asgtr, build_ictr, build_longer, build_sgtr, load_pairs, main
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,43 @@ def test_ictr_random_is_balanced_deterministic_and_uninformative(pairs):
     truthful = [r["messages"][2]["content"] for r in build_sgtr(pairs)]
     agreement = sum(a == t for a, t in zip(answers, truthful)) / len(answers)
     assert 0.3 < agreement < 0.7  # labels carry no identity information
+
+
+def test_asgtr_labels_always_point_at_the_other_summary(pairs):
+    rows, sgtr = build_asgtr(pairs), build_sgtr(pairs)
+    assert len(rows) == 2 * len(pairs)
+    for i, (row, truthful) in enumerate(zip(rows, sgtr)):
+        pair = pairs[i // 2]
+        assert row["messages"][:2] == truthful["messages"][:2]  # same system turn, same order as SGTR
+        first, second = summaries_in_order(row, pair)
+        assert row["messages"][2]["content"] == ("1" if first == pair.other else "2")
+        assert row["messages"][2]["content"] != truthful["messages"][2]["content"]
+    assert Counter(r["messages"][2]["content"] for r in rows) == {"1": len(pairs), "2": len(pairs)}
+    assert len(build_asgtr(load_pairs("hf_seed_36b"))) == 2000  # the paper's size, like SGTR
+
+
+def test_asgtr_command_line_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for out in (a, b):
+        assert main(["asgtr", "--target", "hf_qwen_32b", "--limit", "4", "--out", str(out)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert [json.loads(l)["messages"][2]["content"] for l in a.read_text().splitlines()] == ["2", "1"] * 4
+    assert "label always the other's summary" in capsys.readouterr().err
+
+
+def test_target_summaries_from_a_users_file(tmp_path):
+    """A target whose summaries are not shipped (GPT-4.1's, for its arm) comes from a JSON file."""
+    shipped = load_pairs("hf_qwen_32b", limit=3)
+    path = tmp_path / "gpt41_xsum.json"
+    path.write_text(json.dumps({p.article_id: f"gpt41 summary {k}" for k, p in enumerate(shipped)}))
+    pairs = load_pairs("gpt41", target_file=path)
+    assert [(p.article_id, p.target) for p in pairs] == [(p.article_id, f"gpt41 summary {k}") for k, p in enumerate(shipped)]
+    assert [p.other for p in pairs] == [p.other for p in shipped]
+    with pytest.raises(DatasetError, match="or give --target-summaries"):
+        load_pairs("gpt41")
+    path.write_text("[1, 2]")
+    with pytest.raises(DatasetError, match="expected a JSON object"):
+        load_pairs("gpt41", target_file=path)
 
 
 def test_longer_control_uses_word_counts(pairs):

@@ -213,6 +213,7 @@ def torchrun(config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.distributed
 def test_two_ranks_match_one_rank(setup, full_run):
     """The same run under torchrun with 2 CPU ranks (gloo, FSDP2): same losses and adapter."""
     root, ckpt, data = setup
@@ -285,6 +286,7 @@ def test_merge_cli_equals_stacked_adapter(setup, full_run, tmp_path):
     assert (a - b).abs().max().item() <= 1e-5
 
 
+@pytest.mark.distributed
 def test_resume_on_a_different_number_of_ranks(setup, full_run, capsys):
     """Checkpointed by 2 ranks after step 3, finished by 1 process: the uninterrupted run's result."""
     proc = torchrun(write_toml(setup[0] / "ranks_part.toml", settings(setup, "ranks", max_steps=3)))
@@ -320,6 +322,7 @@ def test_checkpoint_layers_auto_recomputes_as_few_layers_as_fit(setup, tmp_path,
         TrainConfig(**settings(setup, "bad", checkpoint_layers="half"))
 
 
+@pytest.mark.distributed
 def test_replicated_ranks_match_one_rank_and_resume(setup, full_run):
     """data_parallel = replicate under torchrun with 2 CPU ranks: every rank holds the whole model
     and only adapter gradients are summed; checkpointed after step 3 and resumed, it ends with the

@@ -63,13 +63,15 @@ def hf_checkpoints(tmp_path_factory, names=tuple(HF_BUILDERS)) -> dict[str, Path
     return out
 
 
-def tiny_seed_oss_checkpoint(directory: Path, *, seed: int = 0, layers: int = 2, nan: bool = False) -> Path:
-    """Save a random tiny Seed-OSS model (dropout off, so CPU runs are deterministic)."""
+def tiny_seed_oss_checkpoint(directory: Path, *, seed: int = 0, layers: int = 2, nan: bool = False,
+                             dropout: float = 0.0) -> Path:
+    """Save a random tiny Seed-OSS model; `dropout` is its attention and residual dropout (the real
+    Seed-OSS-36B's are 0.1; 0 by default, so that runs do not depend on the random streams)."""
     torch.manual_seed(seed)
     config = SeedOssConfig(
         vocab_size=576, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.1,
-        attention_dropout=0.0, residual_dropout=0.0, attention_out_bias=True,
+        attention_dropout=dropout, residual_dropout=dropout, attention_out_bias=True,
     )
     model = SeedOssForCausalLM(config)
     if nan:

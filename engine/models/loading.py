@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ConfigError
 from engine.hub import resolve_checkpoint_dir
 
 from .config import ModelArgs
@@ -54,8 +54,10 @@ def from_pretrained(
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"no config.json in checkpoint directory {ckpt_dir}")
-    with config_path.open() as f:
-        args = ModelArgs.from_hf_config(json.load(f))
+    try:
+        args = ModelArgs.from_hf_config(_read_json(config_path))
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
 
     with torch.device("meta"):
         model = CausalLM(args)
@@ -65,12 +67,31 @@ def from_pretrained(
     return model.eval()
 
 
+def _read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; one that is not valid JSON raises CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged: download or copy it "
+                              "again") from None
+
+
+def _open(path: Path):
+    """safe_open, with a truncated or corrupt file raising CheckpointError naming it (safetensors
+    checks the header and that the data covers it exactly)."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the checkpoint is damaged (a "
+                              "truncated download?): download or copy it again") from None
+
+
 def _tensor_files(ckpt_dir: Path) -> dict[Path, set[str] | None]:
     """Safetensors files to read -> tensor names the index places there (None for a single file)."""
     index_path = ckpt_dir / INDEX_FILE
     if index_path.is_file():
-        with index_path.open() as f:
-            weight_map = json.load(f).get("weight_map")
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path} has no weight_map")
         files: dict[Path, set[str] | None] = defaultdict(set)
@@ -195,7 +216,7 @@ def _plan(
     unexpected: list[str] = []
     source: dict[str, Path] = {}  # parameter name -> file holding it
     for path, indexed_names in files.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open(path) as f:
             names = set(f.keys())
             for name in sorted((indexed_names or set()) - names):
                 problems.append(f"{INDEX_FILE} places tensor '{name}' in {path.name}, but that file lacks it")
@@ -241,6 +262,6 @@ def _iter_sources(
     for name, path in sources.items():
         by_file[path].append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open(path) as f:
             for name in names:
                 yield name, params[name], f.get_slice(name)
