@@ -16,8 +16,11 @@ Both run the same optimizer steps of 16 samples with the real [tokens, trained t
 shipped data (`data/workload_lengths.json`, random ids). Each (engine, workload) runs in a fresh
 process; the figures are that process's resident set: after building the model ("model"), and its
 high-water mark during the steps ("peak", reset just before them through /proc/self/clear_refs),
-so "step" = peak - model is what the step itself added. Linux only. CPU time: minutes per row at 24
-layers on two cores (fewer --layers for a quick look; the loss's share does not shrink with them).
+so "step" = peak - model is what the step itself added. Linux only. CPU time: bf16 matmuls on a CPU
+without native bf16 run ~100x slower than fp32 (0.2 against 18 GFLOPS per core measured on an AMD EPYC),
+so `--dtype float32` is the practical choice there; even so a row takes minutes per layer on two cores,
+and the HF rows of SGTR (the LM head over every token, ~10,700 per step) tens of minutes
+(fewer --layers for a quick look; the loss's share does not shrink with them).
 """
 
 from __future__ import annotations
