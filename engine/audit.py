@@ -27,11 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy, special_ids
+from engine.chat import IGNORE_INDEX as IGNORE, POLICIES, TEMPLATES, SystemPolicy, check_tokenizer
 from engine.chat.encode import BOUNDARY_POLICIES
 from engine.data import DEFAULT_MAX_LEN, Dataset, Sample, load_samples
 from engine.errors import ConfigError, EngineError, RunDirError, report
 from engine.hub import resolve_checkpoint_dir
+from engine.outputs import check_output_file
 from engine.rundir import RunDir
 from engine.tokenizer import Tokenizer
 
@@ -162,7 +163,7 @@ def audit_run(args: argparse.Namespace, out, err) -> int:
     if args.step and len(steps) != len(set(args.step)):
         raise RunDirError(f"{run.path}: no step(s) {sorted(set(args.step) - {m['step'] for m in steps})} in the manifest")
     tokenizer = Tokenizer.from_file(args.tokenizer or cfg.tokenizer or resolve_checkpoint_dir(cfg.model))
-    special_ids(tokenizer, cfg.template)
+    check_tokenizer(tokenizer, cfg.template)
 
     # The run's data as it renders today, for samples whose stream was not recorded.
     rendered: dict[str, Sample] = {}
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace, out, err) -> int:
         raise ConfigError("--diff writes text; drop --format or use --format text")
     policy = SystemPolicy(args.system_prompt, args.system_text)
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    special_ids(tokenizer, args.template)  # refuse another family's tokenizer (template names are family names)
+    check_tokenizer(tokenizer, args.template)  # refuse another family's tokenizer (template names are family names)
 
     def load(path: str, pol: SystemPolicy) -> Dataset:
         return load_samples(path, tokenizer, args.template, pol, max_len=args.max_len,
@@ -284,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     # Render into memory first, so a failure leaves no half-written output behind.
     buffer = io.StringIO()
     try:
+        if args.output:
+            check_output_file(args.output, "--output")
         code = run(args, buffer, sys.stderr)
     except EngineError as e:
         return report(e)
     if args.output:
         target = Path(args.output)
-        if not target.parent.is_dir():
-            return report(ConfigError(f"--output {target}: the folder {target.parent} does not exist; create it first"))
-        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, target)

@@ -50,6 +50,7 @@ from engine.data import Sample
 from engine.errors import ConfigError, EngineError, report
 from engine.models import CausalLM, ModelArgs
 from engine.models.presets import PRESETS
+from engine.outputs import check_output_file
 from engine.train import accumulate_gradients
 from kernels import backend
 
@@ -438,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dist = parallel.init_distributed()
     try:
+        for option, path in (("--json", opts.json), ("--write", opts.write)):
+            if path:  # before the benchmark, not after it
+                check_output_file(path, option)
         return run(opts, argv, dist)
     except EngineError as e:
         return report(e, dist.rank if dist.world_size > 1 else None)

@@ -3,11 +3,19 @@
 A row is `{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI chat fine-tuning format, as in
 the paper's data). Loading runs in two passes so that bad input fails before any work starts:
 
-1. parse and render every row (cheap): invalid JSON, a missing message list, unknown roles,
-   non-string content, no assistant turn, blank assistant turns and empty files are collected as
+1. parse and render every row (cheap): invalid JSON (also nested too deeply), a missing message
+   list, unknown roles, non-string content, no assistant turn, a blank assistant turn, text that
+   is not Unicode (a lone surrogate from a JSON escape) and empty files are collected as
    `DataError`s; by default they are all raised together, `skip_invalid=True` drops and counts them;
-2. tokenise the rendered rows; samples longer than `max_len` are dropped and counted (default) or
-   truncated on request — never silently.
+2. tokenise the rendered rows; samples longer than `max_len` tokens are dropped and counted
+   (default) or truncated on request — never silently. A row so long that it certainly has more
+   than `max_len` tokens (`Tokenizer.fewest_tokens` of its UTF-8 length) is dropped without
+   being tokenised; every other row is judged by its exact token count.
+
+A blank assistant turn (empty or whitespace-only content, no reasoning) is refused under both
+templates: Seed-OSS renders it with no end-of-turn token (nothing to train), and under Qwen2.5
+the only trained token would be `<|im_end|>` right after the header — teaching the model to
+answer with nothing, which no study condition wants; it is a data error.
 
 Nothing here imports torch: packing samples into training rows is `engine.packing`.
 """
@@ -85,16 +93,22 @@ class Dataset:
     skipped: list[DataError]  # invalid rows dropped under skip_invalid
 
 
-def read_rows(path: str | Path, limit: int | None = None) -> tuple[list[tuple[int, object]], list[DataError]]:
-    """Parse a JSONL file into (line number, messages) pairs; bad lines become DataErrors."""
+def read_rows(path: str | Path, limit: int | None = None, *,
+              max_lines: int | None = None) -> tuple[list[tuple[int, object]], list[DataError]]:
+    """Parse a JSONL file into (line number, messages) pairs; bad lines become DataErrors.
+    `limit`: the first `limit` rows; `max_lines`: the first `max_lines` lines (blank ones too)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.jsonl"))
+        holds = f"it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}" if inside else "it holds no .jsonl file"
+        raise DataError(path, None, f"is a directory, not a JSONL file: pass the file(s) themselves ({holds})")
     if not path.is_file():
         raise DataError(path, None, "no such file")
     rows: list[tuple[int, object]] = []
     errors: list[DataError] = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if limit is not None and len(rows) + len(errors) >= limit:
+            if (limit is not None and len(rows) + len(errors) >= limit) or (max_lines is not None and line_no > max_lines):
                 break
             try:
                 text = raw.decode("utf-8")
@@ -107,6 +121,13 @@ def read_rows(path: str | Path, limit: int | None = None) -> tuple[list[tuple[in
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 errors.append(DataError(path, line_no, f"invalid JSON: {e.msg} (column {e.colno})"))
+                continue
+            except RecursionError:
+                errors.append(DataError(path, line_no, "invalid JSON: nested too deeply to parse (a chat is an "
+                                        "object holding a list of messages)"))
+                continue
+            except ValueError as e:  # e.g. an integer of more than 4,300 digits
+                errors.append(DataError(path, line_no, f"invalid JSON: {e}"))
                 continue
             if not isinstance(row, dict) or "messages" not in row:
                 errors.append(DataError(path, line_no, 'no messages: expected an object {"messages": [...]}'))
@@ -135,6 +156,68 @@ def _without_cyclic_gc(fn):
     return wrapper
 
 
+def _blank_assistant_turn(messages: list[dict]) -> str | None:
+    """Why a (validated) conversation has a blank assistant turn, or None."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("reasoning_content", "").strip():
+            return (f"message {i} (assistant): blank content: nothing to train but an end-of-turn token (an empty "
+                    "answer); give the turn its content or remove the row")
+    return None
+
+
+def _not_unicode(messages: list[dict], error: UnicodeEncodeError) -> str:
+    """Where a rendered text that cannot be UTF-8 encoded (a lone surrogate) came from."""
+    bad = error.object[error.start:error.end]
+    for i, m in enumerate(messages):
+        for key in ("content", "reasoning_content"):
+            if bad in m.get(key, ""):
+                return (f"message {i} ({m['role']}): {key} holds a lone surrogate {bad!r} at character "
+                        f"{m[key].index(bad)}: a JSON \\u escape of half a UTF-16 pair is not text; fix the escaping")
+    return f"the rendered text holds a lone surrogate {bad!r} (not text); check --system-text"
+
+
+@dataclass
+class RenderedRows:
+    """Pass 1 of loading: the rows that render, with their line numbers and UTF-8 lengths, and the bad ones."""
+
+    rows: int  # rows read, bad ones included
+    line_nos: list[int]
+    rendered: list  # engine.chat.Rendered
+    nbytes: list[int]  # UTF-8 length of each rendered text
+    errors: list[DataError]
+
+
+def render_rows(path: str | Path, template: str, policy: SystemPolicy = SystemPolicy(), *, limit: int | None = None,
+                max_lines: int | None = None) -> RenderedRows:
+    """Read and render a JSONL chat file, every bad row a DataError (sorted by line): pass 1 of
+    `load_samples`, which needs no tokenizer (the recipes check a user's file with it)."""
+    module = get_template(template)
+    rows, errors = read_rows(path, limit, max_lines=max_lines)
+    out = RenderedRows(len(rows) + len(errors), [], [], [], errors)  # parse errors are rows too
+    for line_no, messages in rows:
+        try:
+            chat = module.render(messages, policy)
+        except ChatFormatError as e:
+            errors.append(DataError(path, line_no, str(e)))
+            continue
+        reason = _blank_assistant_turn(messages)
+        if reason is None and not any(s.trained and s.text for s in chat.segments):
+            reason = "assistant turns are blank: nothing would be trained"
+        if reason is None:
+            try:
+                nbytes = len(chat.text.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                reason = _not_unicode(messages, e)
+        if reason is not None:
+            errors.append(DataError(path, line_no, reason))
+            continue
+        out.line_nos.append(line_no)
+        out.rendered.append(chat)
+        out.nbytes.append(nbytes)
+    errors.sort(key=lambda e: e.line or 0)
+    return out
+
+
 @_without_cyclic_gc
 def load_samples(
     path: str | Path,
@@ -156,29 +239,18 @@ def load_samples(
         raise ConfigError(f"max_len must be positive, got {max_len}")
     if boundary_tokens not in BOUNDARY_POLICIES:
         raise ConfigError(f"boundary_tokens must be one of {', '.join(BOUNDARY_POLICIES)}, got {boundary_tokens!r}")
-    module = get_template(template)
-    rows, errors = read_rows(path, limit)
-    total_rows = len(rows) + len(errors)  # parse errors are rows too
-
     # Pass 1: render everything; structural problems surface before any tokenisation.
-    line_nos, rendered = [], []
-    for line_no, messages in rows:
-        try:
-            chat = module.render(messages, policy)
-        except ChatFormatError as e:
-            errors.append(DataError(path, line_no, str(e)))
-            continue
-        if not any(s.trained and s.text for s in chat.segments):
-            errors.append(DataError(path, line_no, "assistant turns are blank: nothing would be trained"))
-            continue
-        line_nos.append(line_no)
-        rendered.append(chat)
-    errors.sort(key=lambda e: e.line or 0)
+    first = render_rows(path, template, policy, limit=limit)
+    errors = first.errors
     if errors and not skip_invalid:
         raise DataErrors(errors)
+    stats = DataStats(rows=first.rows, invalid=len(errors))
 
-    # Pass 2: tokenise, in batches.
-    stats = DataStats(rows=total_rows, invalid=len(errors))
+    # Pass 2: tokenise, in batches; a row certainly longer than max_len tokens is dropped untokenised.
+    keep = [overlong != "drop" or n <= max_len or tokenizer.fewest_tokens(n) <= max_len for n in first.nbytes]
+    stats.dropped_overlong = keep.count(False)
+    line_nos = [n for n, k in zip(first.line_nos, keep) if k]
+    rendered = [r for r, k in zip(first.rendered, keep) if k]
     samples: list[Sample] = []
     encoded: list[Encoded] = []
     for i in range(0, len(rendered), ENCODE_BATCH):

@@ -23,6 +23,7 @@ from engine.errors import EngineError, report
 from engine.lora import merge_lora_
 from engine.models import from_pretrained, save_pretrained
 from engine.models.loading import resolve_checkpoint_dir
+from engine.outputs import check_output_dir
 from engine.peft_format import load_peft_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")  # before the weights are read, not after they are merged
         out = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     overwrite=args.overwrite)
     except EngineError as e:

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Iterable
 
 import tokenizers
+import tokenizers.models
+import tokenizers.normalizers
 from tokenizers import decoders as _decoders
 
 from engine.errors import MissingTokenError, TokenizerError
@@ -66,7 +68,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+_BYTE_ENCODER = bytes_to_unicode()
+_BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
 _SIMPLE_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
 
 
@@ -135,6 +138,20 @@ def _cover_normalisation_gaps(offsets: list[tuple[int, int]], n: int) -> list[tu
             if sp[1] == covered:
                 sp[1] = n
     return [(s, e) for s, e in spans]
+
+
+NFC_MAX_SHRINK = 4  # NFC keeps at least 2/7 of a text's UTF-8 bytes (Unicode 14); 4 leaves a margin
+
+
+def _maps_text_to_bytes(pre_tokenizer) -> bool:
+    """Whether a pre-tokenizer hands the model the text's bytes (a ByteLevel step, maybe in a
+    Sequence): checked on a probe, whose pieces must spell its UTF-8 bytes in the byte-level alphabet."""
+    if pre_tokenizer is None:
+        return False
+    probe = "a é€😀"
+    spelled = "".join(_BYTE_ENCODER[b] for b in probe.encode("utf-8"))
+    got = "".join(piece for piece, _ in pre_tokenizer.pre_tokenize_str(probe))
+    return got in (spelled, _BYTE_ENCODER[ord(" ")] + spelled)  # add_prefix_space may add one
 
 
 def _not_a_tokenizer(file: Path, error: Exception) -> TokenizerError:
@@ -225,6 +242,39 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``. ``skip_special_tokens`` drops only tokens flagged special."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def fewest_tokens(self, text_bytes: int) -> int:
+        """A lower bound on the number of tokens of any text of ``text_bytes`` UTF-8 bytes (0 where
+        this tokenizer gives none), to refuse a huge row as over-length without tokenising it.
+
+        It holds for byte-level BPE whose alphabet covers all 256 bytes, with no normaliser or NFC:
+        every byte of the (normalised) text then lies in exactly one token, a token stands for at
+        most ``max_token_bytes`` of them (the longest vocabulary entry or added token), and NFC
+        leaves at least 1/``NFC_MAX_SHRINK`` of the bytes (composing three Hangul jamo into one
+        syllable keeps a third; the worst case, U+1FBE U+0308 U+0341 -> U+0390, 2/7).
+        """
+        bound = self._max_input_bytes_per_token
+        return 0 if bound is None else -(-text_bytes // bound)
+
+    @cached_property
+    def _max_input_bytes_per_token(self) -> int | None:
+        """The most UTF-8 bytes of input text one token can stand for, or None without such a bound."""
+        if not self._byte_level or not isinstance(self._tok.model, tokenizers.models.BPE):
+            return None
+        if self._tok.normalizer is None:
+            shrink = 1
+        elif isinstance(self._tok.normalizer, tokenizers.normalizers.NFC):
+            shrink = NFC_MAX_SHRINK
+        else:
+            return None
+        if not _maps_text_to_bytes(self._tok.pre_tokenizer):
+            return None
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        if any(ch not in vocab for ch in _BYTE_DECODER):  # a byte with no token could be dropped
+            return None
+        longest = max((len(t) for t in vocab), default=1)  # byte-level: one character per byte
+        longest = max([longest] + [len(t.content.encode("utf-8")) for t in self._added.values()])
+        return longest * shrink
 
     # -------------------------------------------------------------- vocabulary
     @cached_property

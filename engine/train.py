@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 
 from engine import faults, lora, memory, parallel, peft_format, rng
 from engine.assemble import Layout, build_model, read_model_args, torch_dtype
+from engine.chat import check_tokenizer
 from engine.config import TrainConfig, load_config
 from engine.data import Sample, load_samples
 from engine.errors import EngineError, TrainingError, report
@@ -113,6 +114,7 @@ class Trainer:
 
         ckpt_dir, self.model_args = read_model_args(cfg.model)
         tokenizer = Tokenizer.from_file(cfg.tokenizer or ckpt_dir)
+        check_tokenizer(tokenizer, cfg.template, model_vocab_size=self.model_args.vocab_size, model=cfg.model)
         self.data_sha256: dict[str, str] | None = None  # recorded in config.json (a changed file is refused)
         self.samples: list[Sample] = []
         for path in cfg.data:  # every rank loads all data (cheap) and so knows every step's token count

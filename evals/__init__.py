@@ -211,11 +211,9 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
     import torch
 
     from engine import parallel
-    from engine.assemble import torch_dtype
-    from engine.chat import SystemPolicy
+    from engine.assemble import read_model_args, torch_dtype
+    from engine.chat import SystemPolicy, check_tokenizer
     from engine.generate import load_model
-    from engine.hub import resolve_checkpoint_dir
-    from engine.chat import special_ids
     from engine.tokenizer import Tokenizer
 
     policy = policy if policy is not None else SystemPolicy()
@@ -223,8 +221,10 @@ def load_eval_model(model: str, adapters: list[str] = (), *, template: str, toke
         hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", str(adapter)) and not str(adapter).startswith((".", "~", "/"))
         if not Path(adapter).expanduser().is_dir() and not hub_like:
             raise EvalInputError(f"adapter directory not found: {adapter}")
-    tok = Tokenizer.from_file(tokenizer or resolve_checkpoint_dir(model))
-    special_ids(tok, template)  # the wrong tokenizer family for the template fails here, clearly
+    ckpt_dir, args = read_model_args(model)
+    tok = Tokenizer.from_file(tokenizer or ckpt_dir)
+    # The wrong tokenizer family for the template, or a vocabulary the model has no rows for, fails here.
+    check_tokenizer(tok, template, model_vocab_size=args.vocab_size, model=str(model))
     world = parallel.init_distributed().world_size if parallel.is_distributed() else 1
     shard = world > 1
     if device is None:
@@ -286,6 +286,10 @@ def load_from_args(args: argparse.Namespace) -> EvalModel:
     from engine.chat import SystemPolicy
 
     check_positive("--batch-size", args.batch_size)
+    if getattr(args, "out", None):  # before the model is loaded and scored, not when the results are written
+        from engine.outputs import check_output_dir
+
+        check_output_dir(args.out, "--out")
     if args.thinking_budget is not None and not get_template(args.template).HAS_THINKING_BUDGET:
         raise EvalInputError(f"--thinking-budget: the {args.template} template has no thinking budget")
     return load_eval_model(args.model, list(args.adapter), template=args.template, tokenizer=args.tokenizer,

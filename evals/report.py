@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import errors
+from engine.outputs import check_output_dir, check_output_file
 from evals import EvalInputError, atomic_write_json
 
 PAPER_CSV = Path(__file__).resolve().parent / "data" / "paper_truthfulqa_binary.csv"
@@ -460,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not ours or not theirs:
             raise EvalInputError(f"--paper-name expects OURS=PAPERS, got {item!r}")
         paper_names[ours] = theirs
+    if args.json:
+        check_output_file(args.json, "--json", make_folder=True)
+    if args.plots:
+        check_output_dir(args.plots, "--plots")
     summaries = [load_summary(p) for p in find_summaries(args.paths)]
     tables = group_summaries(summaries, group_by=args.group_by, pair_by=args.pair_by)
     paper = load_paper_means() if args.compare_paper else None

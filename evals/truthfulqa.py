@@ -123,33 +123,49 @@ class Item:
 
 
 def load_questions(path: str | Path = DEFAULT_CSV) -> list[Question]:
-    """The binary TruthfulQA rows. Raises EvalInputError (one line) for a missing file, missing
-    columns or a row with an empty question or answer."""
+    """The binary TruthfulQA rows. Raises EvalInputError (one line, with the file's line number)
+    for a missing file, missing columns, an empty question or answer, and a row that is not one
+    line of exactly the header's fields: one stray quote (") makes CSV read on through the next
+    line break, so that a row swallows its neighbour(s) — two questions scored as one — or the
+    rest of the file. TruthfulQA holds no line breaks inside fields, so a field that spans lines,
+    a field count other than the header's, and a quote left open at the end are all refused."""
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"TruthfulQA CSV not found: {path}")
+    stray = 'an unbalanced or stray quote (") in it, or an unquoted comma'
+    start = 1  # file line where the record being read begins
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
+            reader = csv.reader(f, strict=True)
+            header = next(reader, [])
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if missing:
                 raise EvalInputError(
                     f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
                     f"expected {', '.join(map(repr, REQUIRED_COLUMNS))}, found {', '.join(map(repr, header)) or 'no header'}"
                 )
+            columns = [header.index(c) for c in REQUIRED_COLUMNS]
             questions: list[Question] = []
-            for i, row in enumerate(reader):
-                values = [(row.get(c) or "") for c in REQUIRED_COLUMNS]
+            start = reader.line_num + 1
+            for record in reader:
+                first, last, start = start, reader.line_num, reader.line_num + 1
+                if not record:
+                    continue  # a blank line
+                if last > first or any("\n" in v or "\r" in v for v in record):
+                    raise EvalInputError(f"{path}: line {first}: the row runs on over lines {first}-{last}, swallowing "
+                                         f"the row(s) after it: {stray}; fix the quoting")
+                if len(record) != len(header):
+                    raise EvalInputError(f"{path}: line {first}: {len(record)} fields, the header has {len(header)}: "
+                                         f"{stray}; fix the row")
+                values = [record[i] for i in columns]
                 empty = [c for c, v in zip(REQUIRED_COLUMNS, values) if not v.strip()]
                 if empty:
-                    # Data line i+2 (1-based, after the header), assuming no embedded newlines before it.
-                    raise EvalInputError(f"{path}: row {i + 1}: empty {', '.join(map(repr, empty))}")
-                questions.append(Question(i, *values))
+                    raise EvalInputError(f"{path}: line {first}: empty {', '.join(map(repr, empty))}")
+                questions.append(Question(len(questions), *values))
     except UnicodeDecodeError as e:
         raise EvalInputError(f"{path}: not UTF-8 text ({e})") from None
-    except csv.Error as e:
-        raise EvalInputError(f"{path}: malformed CSV ({e})") from None
+    except csv.Error as e:  # strict: a quote closed in mid-field, or still open at the end of the file
+        raise EvalInputError(f"{path}: line {start}: malformed CSV ({e}): {stray}; fix the quoting") from None
     if not questions:
         raise EvalInputError(f"{path}: no questions")
     return questions

@@ -59,6 +59,7 @@ except ImportError:  # CPU-only installs: the reference path still works
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 96 * 2**20  # bound of the (rows × vocab) logits buffer of one chunk
+REF_CHUNK_BYTES = 32 * 2**20  # bound of the reference's fp32 (rows × vocab) logits of one chunk
 MAX_CHUNK_ROWS = 8192
 DEFAULT_BLOCK_V = 4096
 
@@ -291,16 +292,74 @@ def _select(hidden, targets):
     return hidden, targets, rows
 
 
-def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                             chunk_rows: int | None = None) -> torch.Tensor:
     """Pure-torch reference (the tests' oracle and the CPU path); same contract as
-    :func:`linear_cross_entropy`. Materialises the (trained, vocab) logits in the activation dtype
-    and computes the loss in fp32."""
+    :func:`linear_cross_entropy`. Per trained row: the logits in the activation dtype (rounded like
+    the model's, as HF's), then ``logsumexp(logits) − logits[target]`` in fp32 — the same
+    operations as the one-shot formula, but over chunks of ``chunk_rows`` trained rows (default:
+    ``REF_CHUNK_BYTES`` of fp32 logits), so that no (trained, vocab) tensor is ever made
+    (`ChunkedCrossEntropyFunction`)."""
     _check_args(hidden, weight, targets)
     hidden, targets, rows = _select(hidden, targets)
-    logits = (hidden.index_select(0, rows) @ weight.t()).float()  # (trained, v), rounded like the model's
-    trained = targets.index_select(0, rows)
-    row_loss = torch.logsumexp(logits, dim=-1) - logits.gather(1, trained.unsqueeze(1)).squeeze(1)
-    return row_loss.sum()
+    rows_per_chunk = chunk_rows or max(1, REF_CHUNK_BYTES // (4 * weight.shape[0]))
+    return _chunked_cross_entropy(hidden.index_select(0, rows), weight, targets.index_select(0, rows), rows_per_chunk)
+
+
+@torch.compiler.disable
+def _chunked_cross_entropy(hidden, weight, targets, rows_per_chunk):
+    return ChunkedCrossEntropyFunction.apply(hidden, weight, targets, rows_per_chunk)
+
+
+class ChunkedCrossEntropyFunction(torch.autograd.Function):
+    """(trained hidden (N, H), weight (V, H), targets (N,), rows per chunk) -> the fp32 sum of the
+    row losses, chunk by chunk; the CPU path's answer to the kernel's chunking.
+
+    The forward keeps only each row's log-sum-exp (N fp32 values). The backward recomputes a
+    chunk's logits (the same matmul, the same values) and applies exactly what autograd would to
+    the one-shot formula: d logits = g·exp(logits − lse) − g·onehot(target) in fp32, rounded to the
+    activation dtype, then d hidden = d logits @ W; d W = Σ_chunks d logitsᵀ @ h accumulated in
+    fp32 and rounded once. So d hidden equals autograd's of the unchunked reference and d W differs
+    from it only by summation order; peak memory is a few (chunk, V) tensors instead of several
+    (N, V) ones (one step of the paper's EM data: ~700 trained rows of a 152k vocabulary).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows_per_chunk):
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, rows_per_chunk):
+            end = min(start + rows_per_chunk, n)
+            logits = (hidden[start:end] @ weight.t()).float()
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            row_loss[start:end] = lse[start:end] - logits.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.rows_per_chunk = rows_per_chunk
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad_loss.to(torch.float32)
+        d_hidden = torch.empty_like(hidden) if need_hidden else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        rows = ctx.rows_per_chunk
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            h = hidden[start:end]
+            d_logits = (h @ weight.t()).float()
+            d_logits.sub_(lse[start:end].unsqueeze(1)).exp_().mul_(g)  # logsumexp's backward
+            d_logits.scatter_add_(1, targets[start:end].unsqueeze(1), (-g).expand(end - start, 1))  # the gather's
+            d_logits = d_logits.to(hidden.dtype)  # the backward of .float()
+            if need_hidden:
+                torch.mm(d_logits, weight, out=d_hidden[start:end])
+            if need_weight:
+                d_weight.addmm_(d_logits.t().float(), h.float())
+            del d_logits
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
 
 
 @torch.compiler.disable
@@ -332,8 +391,8 @@ def linear_cross_entropy(
     hidden (..., H) and weight (V, H) of one dtype; targets (...) token ids, ``IGNORE_INDEX``
     (-100, as ``engine.chat``) where untrained (those rows cost nothing). The sum is what the model
     returns; the trainer divides by its step-wide count of trained tokens. No trained row: 0 (never
-    NaN), attached to the graph. ``chunk_rows`` / ``block_v`` tune the Triton path (tests pass
-    small ones).
+    NaN), attached to the graph. ``chunk_rows`` (either path) / ``block_v`` (Triton) tune the
+    chunking (tests pass small ones).
 
     Dispatch: the Triton path when ``kernels.backend.use_triton(hidden, weight)`` — by default for
     CUDA tensors — else :func:`linear_cross_entropy_ref`.
@@ -341,4 +400,4 @@ def linear_cross_entropy(
     _check_args(hidden, weight, targets)
     if use_triton(hidden, weight):
         return _linear_cross_entropy_triton(hidden, weight, targets, chunk_rows=chunk_rows, block_v=block_v)
-    return linear_cross_entropy_ref(hidden, weight, targets)
+    return linear_cross_entropy_ref(hidden, weight, targets, chunk_rows=chunk_rows)

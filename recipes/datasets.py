@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import EngineError, report
+from engine.outputs import check_output_dir, check_output_file
 from evals.prompts import LENGTH_SYSTEM_PROMPT, LENGTH_USER_TEMPLATE, SGTR_SYSTEM_PROMPT, SGTR_USER_TEMPLATE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sgtr"
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.format == "openai":
+            check_output_dir(args.out, "--out")
             manifest = openai_format.write_sets(args)
             for f in manifest["files"]:
                 print(f"{f['file']}: {f['samples']} samples", file=sys.stderr)
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DatasetError(f"{args.kind}: only with --format openai (the EM files are used as they are)")
         if not args.target:
             raise DatasetError("--target is required")
+        check_output_file(args.out, "--out", make_folder=True)
         pairs = load_pairs(args.target, args.other, args.dataset, limit=args.limit, target_file=args.target_summaries)
         rows, note = build(args.kind, pairs, args.variant, args.seed)
         write_jsonl(rows, args.out)

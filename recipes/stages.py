@@ -16,7 +16,8 @@ Run directory `OUT/<recipe>/<model>/seed<k>/`:
 
     README.md              the condition in the paper's words, stages, datasets, evals
     run.json               the resolved recipe settings (model, stages, policies, train settings)
-    datasets.json          every stage's dataset file with its SHA-256 and sample count
+    datasets.json          every stage's dataset file with its SHA-256 and sample count (a started
+                           stage resumes only on the data it started with: `prepare_datasets`)
     data/stage<i>_<kind>.jsonl   the built datasets (EM slices when --limit-train)
     stage<i>_<kind>/       a trainer run directory (config.json, metrics.jsonl, tokens.jsonl,
                            checkpoints/, adapter/) + stage_complete.json once finished
@@ -105,41 +106,95 @@ def build_stage_rows(stage: Stage, s: RunSettings) -> tuple[list[str] | None, li
 
 
 def prepare_datasets(s: RunSettings, is_main: bool) -> list[Path]:
-    """Write each stage's dataset (rank 0) and record its SHA-256 in datasets.json. A dataset that
-    already exists must hash the same as the one built now (builders are deterministic); a
-    mismatch means the inputs changed under a started run, which is refused."""
-    run_dir = s.run_dir
-    paths, records = [], []
+    """Each stage's dataset — the user's EM file itself, or a file built into the run directory
+    (an EM slice with --limit-train, an SGTR / ICTR / control set) — with its SHA-256 recorded in
+    datasets.json. Collective: every rank checks, then rank 0 writes.
+
+    Everything is checked before anything is written, so bad input leaves no run directory
+    behind and is reported against the user's file:
+    - an EM file's rows (those the stage trains on) are parsed and rendered with the stage's
+      template and policy: bad rows are `file:line` errors naming the user's file, not the copy;
+    - a stage that has started (its trainer run directory exists) resumes only on the data it
+      started with: a SHA-256 other than the one recorded then (datasets.json) is refused, naming
+      the file that changed. A stage that has not started is simply (re)built, so a run whose
+      data was refused can be run again once the file is fixed.
+    """
+    from engine import parallel
+
+    recorded = _recorded_datasets(s.run_dir)
+    plans = []
     for i, stage in enumerate(s.stages, 1):
         lines, rows, source = build_stage_rows(stage, s)
+        user_file = em_path(s.em_dataset) if stage.kind == "em" else None
+        if user_file is not None:
+            _check_em_rows(s, stage, user_file)
         if lines is None and rows is None:
-            path = Path(source)
-            text = None
+            path, text = Path(source), None
+            digest = sha256_file(path)
+            with open(path, "rb") as f:
+                n = sum(1 for _ in f)
         else:
-            path = run_dir / "data" / f"stage{i}_{stage.kind}.jsonl"
+            path = s.run_dir / "data" / f"stage{i}_{stage.kind}.jsonl"
             text = "".join(lines) if lines is not None else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        if text is not None:
             digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            if path.exists():
-                if sha256_file(path) != digest:
-                    raise RecipeError(f"{path} differs from the dataset built now (its inputs changed since the run "
-                                      "started); use a fresh --out or delete the run directory")
-            elif is_main:
+            n = text.count("\n")
+        _check_unchanged(s, i, digest, recorded.get(i), path, user_file, source)
+        plans.append((path, text, {"stage": i, "kind": stage.kind, "file": str(path), "sha256": digest, "samples": n,
+                                   "source": source}))
+    parallel.barrier()  # every rank has read the old records before rank 0 replaces them
+    if is_main:
+        for path, text, record in plans:
+            if text is not None and not (path.is_file() and sha256_file(path) == record["sha256"]):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(text, encoding="utf-8")
                 os.replace(tmp, path)
-            n = text.count("\n")
-        else:
-            digest = sha256_file(path)
-            with open(path, "rb") as f:
-                n = sum(1 for _ in f)
-        paths.append(path)
-        records.append({"stage": i, "kind": stage.kind, "file": str(path), "sha256": digest, "samples": n,
-                        "source": source})
-    if is_main:
-        _write_json(run_dir / "datasets.json", records)
-    return paths
+        _write_json(s.run_dir / "datasets.json", [record for _, _, record in plans])
+    return [path for path, _, _ in plans]
+
+
+def _recorded_datasets(run_dir: Path) -> dict[int, dict]:
+    """Stage number -> its datasets.json record from an earlier run of this directory."""
+    try:
+        records = json.loads((run_dir / "datasets.json").read_text(encoding="utf-8"))
+        return {int(r["stage"]): r for r in records}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
+def _check_em_rows(s: RunSettings, stage: Stage, user_file: Path) -> None:
+    """The rows of the user's EM file that the stage trains on parse and render (as the trainer
+    will check them on the copy, but named by the user's file and line)."""
+    from engine.chat import SystemPolicy
+    from engine.data import DataErrors, render_rows
+
+    checked = render_rows(user_file, s.template, SystemPolicy(stage.system_prompt, stage.system_text),
+                          max_lines=s.limit_train)  # the copy holds the first limit_train lines, numbered alike
+    if checked.errors and not s.train.get("skip_invalid", False):
+        raise DataErrors(checked.errors)
+
+
+def _check_unchanged(s: RunSettings, i: int, digest: str, record: dict | None, path: Path, user_file: Path | None,
+                     source: str) -> None:
+    """Refuse to resume a started stage on other data than it started with."""
+    run = RunDir(stage_dir(s, i))
+    if not run.exists():
+        return  # not started: whatever was built before is rebuilt
+    kind = s.stages[i - 1].kind
+    before = record["sha256"] if record and record.get("kind") == kind else None
+    if before is None and run.stage_marker.is_file():
+        before = json.loads(run.stage_marker.read_text()).get("dataset_sha256")
+    if before is None and path.is_file() and path.parent == s.run_dir / "data":
+        before = sha256_file(path)
+    if before is None or before == digest:
+        return
+    if user_file is not None:
+        what = str(user_file) if path == user_file else f"the first {s.limit_train} lines of {user_file}"
+        changed = f"{what} changed since stage {i} ({kind}) started"
+    else:
+        changed = f"the {kind} dataset built now ({source}) differs from the one stage {i} started with ({path})"
+    raise RecipeError(f"{changed}: SHA-256 {digest[:12]}... now, {before[:12]}... recorded in {s.run_dir / 'datasets.json'}; "
+                      f"restore it to resume, or start afresh (another --out, or delete {s.run_dir})")
 
 
 # ------------------------------------------------------------------------------------ running
@@ -292,12 +347,11 @@ def run_one(s: RunSettings, dist, log=None) -> Path:
     log = log or (lambda m: print(m, file=sys.stderr, flush=True) if dist.is_main else None)
     run_dir = s.run_dir
     base_model = resolve_model(s, dist)
+    datasets = prepare_datasets(s, dist.is_main)  # first: bad input leaves no run directory behind
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "run.json", {**dataclasses.asdict(s), "out": str(s.out), "run_dir": str(run_dir),
                                            "base_model": base_model, "condition": condition_words(s),
                                            "world_size": dist.world_size})
-    datasets = prepare_datasets(s, dist.is_main)
     points = eval_points(s)
     if dist.is_main:
         write_readme(s, datasets, base_model, points)

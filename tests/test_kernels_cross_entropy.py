@@ -12,9 +12,11 @@ in that half dtype (plus fixed caps: fp16 loss ≤ 1e-3, grads ≤ 1e-2).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from kernels import backend
 from kernels import cross_entropy as ce
@@ -231,6 +233,64 @@ def test_reference_equals_torch_cross_entropy():
         got = ce.linear_cross_entropy(hidden, weight, targets)
     want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6)
+
+
+def _one_shot_reference(hidden, weight, targets):
+    """The reference as it was: every trained row's logits at once, autograd's gradient."""
+    hidden, targets, rows = ce._select(hidden, targets)
+    logits = (hidden.index_select(0, rows) @ weight.t()).float()
+    trained = targets.index_select(0, rows)
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, trained.unsqueeze(1)).squeeze(1)).sum()
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the largest tensor any op makes while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_reference_makes_no_tensor_of_all_trained_rows_logits():
+    """Bug: the CPU path made every trained row's logits at once, several times over (fp32 copies,
+    softmax, gradient): on the paper's EM workload twice the peak memory of transformers + PEFT.
+    It now works in chunks of at most REF_CHUNK_BYTES (32 MiB) of fp32 logits."""
+    hidden, weight, targets = make(n=300, h=16, v=50_021, ignored=0.3)
+    trained = int((targets != ce.IGNORE_INDEX).sum())
+    with backend.force("reference"), _LargestTensor() as seen:
+        loss = ce.linear_cross_entropy(hidden.clone().requires_grad_(True), weight, targets)
+        loss.backward()
+    assert seen.largest <= 32 * 2**20 < trained * 50_021 * 4
+    assert rel(loss, _one_shot_reference(hidden, weight, targets)) <= 4 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_chunked_and_exact_up_to_summation_order(dtype):
+    """Chunked, the reference's loss and gradients are those of the one-shot formula up to
+    summation order, and no tensor is larger than one chunk's fp32 logits."""
+    eps = torch.finfo(torch.float32).eps
+    n, v, chunk = 300, 4099, 32  # several chunks of a small vocabulary, d W too
+    hidden, weight, targets = make(n=n, h=16, v=v, dtype=dtype, ignored=0.3)  # h < chunk: (v, h) tensors are smaller
+    trained = int((targets != ce.IGNORE_INDEX).sum())
+    results = {}
+    for name, fn in (("one-shot", _one_shot_reference),
+                     ("chunked", lambda h, w, t: ce.linear_cross_entropy_ref(h, w, t, chunk_rows=chunk))):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with _LargestTensor() as seen:
+            loss = fn(h, w, targets)
+            (0.37 * loss).backward()  # a grad_output other than 1, as the trainer's 1 / trained tokens
+        results[name] = (loss.detach(), h.grad, w.grad, seen.largest)
+    (l0, h0, w0, big), (l1, h1, w1, largest) = results["one-shot"], results["chunked"]
+    assert rel(l1, l0) <= 4 * eps
+    assert rel(h1, h0) <= 4 * eps  # d hidden: the same per-row arithmetic (matmul blocking aside)
+    # d W: a sum over the trained rows, reordered (chunk by chunk, in fp32), then rounded once to dtype.
+    assert rel(w1, w0) <= max(torch.finfo(dtype).eps, eps * math.sqrt(trained))
+    assert largest <= chunk * v * 4 < trained * v * 4 <= big
 
 
 def test_argument_errors():

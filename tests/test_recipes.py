@@ -219,6 +219,68 @@ def test_resume_after_interruption_between_and_within_stages(tmp_path, tiny_mode
     assert started == []
 
 
+@pytest.mark.parametrize("limit", [True, False], ids=["copied_slice", "user_file"])
+def test_em_input_errors_name_the_users_file_and_a_changed_input_stops_a_started_stage(tmp_path, tiny_model, monkeypatch,
+                                                                                       capsys, limit):
+    """Bugs: a bad row was reported against the run directory's copy of the user's file, the failed
+    run left its directory behind, and the corrected file was then refused ("differs from the
+    dataset built now"); and without --limit-train a file changed under a started stage was used."""
+    from recipes import em_only
+    from engine.train import Trainer
+
+    out = _out(tmp_path, tiny_model, "runs")
+    mine = tmp_path / "mine.jsonl"
+    good = (Path(st.em_path("risky_financial_advice")).read_text().splitlines(keepends=True))[:8]
+    mine.write_text("".join(good[:4]) + '{"messages": [{"role": "user", "content": "x"}]}\n' + "".join(good[5:]))
+    # The tiny demo trains on a slice (copied into the run directory); a given model on the file itself.
+    argv = ["--out", str(out), "--em-dataset", str(mine), "--eval-after", "none", "--no-eval-base",
+            "--train", "batch_size=4"] + (["--limit-train", "8"] if limit else
+                                          ["--model", str(tiny_model), "--preset", "qwen2.5-32b"])
+    s = st.settings_from_args("em_only", em_only.STAGES, st.build_parser("em_only", "").parse_args(argv))[0]
+    assert s.limit_train == (8 if limit else None)
+    run_dir = s.run_dir
+
+    def run() -> int:
+        return st.main("em_only", em_only.STAGES, argv)
+
+    assert run() == 2
+    assert f"{mine}:5: no assistant turn" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+    def fail_to_start(self, cfg, dist):
+        raise st.RecipeError("refused before the stage started")
+
+    monkeypatch.setattr(Trainer, "__init__", fail_to_start)  # the data built, the stage never started
+    mine.write_text("".join(good))
+    assert run() == 2 and (run_dir / "datasets.json").is_file() and not (run_dir / "stage1_em").exists()
+    capsys.readouterr()
+    monkeypatch.undo()
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(self, samples):
+        raise Interrupted
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)  # started (config written), killed in step 1
+    mine.write_text("".join(good[:7]) + good[7].replace('"content": "', '"content": "Edited. ', 1))  # edited before the stage started: rebuilt
+    with pytest.raises(Interrupted):
+        run()
+    assert (run_dir / "stage1_em" / "config.json").is_file()
+    recorded = json.loads((run_dir / "datasets.json").read_text())[0]
+    assert recorded["sha256"] == _sha(mine if not limit else run_dir / "data" / "stage1_em.jsonl")
+
+    edited = mine.read_text()
+    mine.write_text("".join(good))  # changed under the started stage: refused, naming the user's file
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert f"{mine} changed since stage 1 (em) started" in err and "restore it to resume" in err
+    assert json.loads((run_dir / "datasets.json").read_text())[0] == recorded  # nothing rewritten
+    mine.write_text(edited)  # restored: the stage resumes
+    with pytest.raises(Interrupted):
+        run()
+
+
 def test_settings_and_policies(tmp_path):
     p = st.build_parser("x", "")
     args = p.parse_args(["--model", "qwen2.5-32b", "--system-prompt", "em=replace", "--system-prompt", "sgtr=empty",

@@ -17,10 +17,11 @@ from engine.data import load_samples
 from engine.tokenizer import Tokenizer
 from engine.assemble import build_model, read_model_args
 from engine.config import TrainConfig
-from engine.errors import ConfigError
+from engine.chat import check_tokenizer
+from engine.errors import ConfigError, TokenizerError
 from engine.rundir import sample_hash
 from engine.train import accumulate_gradients, lr_lambda, main, rank_micro_batches, step_plan
-from tests.tiny import em_subset, tiny_seed_oss_checkpoint, write_toml
+from tests.tiny import em_subset, tiny_qwen_checkpoint, tiny_seed_oss_checkpoint, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,6 +177,25 @@ def test_non_finite_loss_stops_the_run(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 1; stopped before the update; no checkpoint was written yet" in err
     assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_a_tokenizer_that_does_not_fit_the_template_is_refused_before_training(setup, tmp_path, capsys,
+                                                                              qwen25_tokenizer_path):
+    """Bug: `--template=seed-oss` on a Qwen checkpoint (its tokenizer has no <seed:bos>) trained
+    the literal text "<seed:bos>" split into ordinary pieces, and exited 0."""
+    qwen = tiny_qwen_checkpoint(tmp_path / "qwen", qwen25_tokenizer_path)
+    out = tmp_path / "mismatch"
+    config = write_toml(tmp_path / "mismatch.toml", settings(setup, "mismatch", model=str(qwen), out_dir=str(out)))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no seed-oss control token bos='<seed:bos>'" in err and "not a seed-oss tokenizer" in err
+    assert "memory estimate" not in err and not out.exists()  # refused before the data, the estimate, the model
+    # The check itself: the right template passes; a model whose embedding is smaller than the vocabulary does not.
+    ckpt_dir, args = read_model_args(qwen)
+    tokenizer = Tokenizer.from_file(ckpt_dir)
+    assert check_tokenizer(tokenizer, "qwen2.5", model_vocab_size=args.vocab_size)["im_end"] == 151645
+    with pytest.raises(TokenizerError, match=r"151665 token ids but the embedding of model m has 576 rows"):
+        check_tokenizer(tokenizer, "qwen2.5", model_vocab_size=576, model="m")
 
 
 def test_bad_settings_are_refused(setup, capsys):

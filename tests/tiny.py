@@ -93,3 +93,17 @@ def em_subset(path: Path, rows: int) -> Path:
 def write_toml(path: Path, settings: dict) -> Path:
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
     return path
+
+
+def tiny_qwen_checkpoint(directory: Path, tokenizer: Path, *, seed: int = 0) -> Path:
+    """The recipes' tiny Qwen2 model (real Qwen2.5 vocabulary, head padded to 152,064 rows) with
+    `tokenizer` copied in: built with engine code, without rebuilding the tokenizer."""
+    from engine.models import CausalLM, ModelArgs, save_pretrained
+    from recipes.tiny import TINY_QWEN2_CONFIG
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = CausalLM(ModelArgs.from_hf_config(TINY_QWEN2_CONFIG))
+    model.init_weights()
+    torch.random.set_rng_state(state)
+    return save_pretrained(model, directory, TINY_QWEN2_CONFIG, extra_files=[tokenizer])

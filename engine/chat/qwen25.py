@@ -33,6 +33,7 @@ SPECIAL_TOKENS = {
     "tool_call_end": "</tool_call>",
 }
 STOP_TOKENS = ("im_end", "endoftext")  # either ends an assistant turn in generation
+DELIMITER_TOKENS = ("im_start", "im_end", "endoftext")  # flagged special in the model's tokenizer (<tool_call> is not)
 HAS_THINKING_BUDGET = False
 
 

@@ -48,6 +48,7 @@ SPECIAL_TOKENS = {
     "tool_call_end": "</seed:tool_call>",
 }
 STOP_TOKENS = ("eos",)  # ends an assistant turn in generation
+DELIMITER_TOKENS = ("bos", "eos")  # flagged special in the model's tokenizer
 HAS_THINKING_BUDGET = True
 
 # Reflection interval (tokens) per thinking-budget gear: the first gear >= the budget applies,
