@@ -117,6 +117,7 @@ def build_hf(preset: str, layers: int, dtype: torch.dtype, device: torch.device,
             model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(previous)
+    model.to(dtype)  # transformers >= 5 builds in the config's own dtype whatever the default: ask for ours
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -126,3 +126,16 @@ def test_a_row_that_runs_out_of_memory_is_reported_and_the_run_goes_on(capsys):
     assert row["error"].startswith("out of memory: CUDA out of memory.") and Optimizer.zeroed
     table = format_table([row], None)
     assert table[2].startswith("| ours-auto | dense | 0 | out of memory") and table[2].count("|") == table[0].count("|")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_engines_hold_their_weights_in_the_dtype_asked_for(dtype):
+    """transformers >= 5 builds a model in its config's dtype (bf16 for the presets) whatever the
+    default dtype is: the reference must still be built in the dtype the benchmark compares."""
+    from engine.bench import build_hf
+
+    ours = build("qwen2.5-32b", 1, dtype, torch.device("cpu"), tiny=True, activation_checkpointing=False)
+    hf = build_hf("qwen2.5-32b", 1, dtype, torch.device("cpu"), tiny=True, liger=False)
+    for model in (ours, hf):
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        assert frozen == {dtype}, (type(model).__name__, frozen)
