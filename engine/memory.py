@@ -53,7 +53,10 @@ The same terms on the torch reference path (``kernels="reference"``: the CPU, or
 ``ENGINE_KERNELS=reference``): attention (one SDPA call per packed sample) keeps each sample's
 output and o_proj's adapter a copy of their concatenation (S + b·q); the SwiGLU backward's torch
 expression holds a fourth (T × i) tensor, silu(gate) (W + b·i); the loss materialises the fp32
-(T × V) logits, kept for backward, and its backward four more of them (5·4·V instead of the chunk);
+(T × V) logits a chunk of at most 32 MiB at a time (``REF_CHUNK_BYTES``; R rows) and, on top of
+the rest of the step, peaks at R·V·5·4 bytes in fp32 and R·V·6·b in a 16-bit dtype (whose fp32
+temporaries are shorter-lived): counts measured with torch's allocator records
+(``tests/test_memory_peak.py``), not derived op by op;
 the residual dropouts' masks (Seed-OSS: 2·h per layer in S, one byte each on the GPU) are the
 CPU's scaled noise, in the compute dtype (2·b·h).
 
@@ -75,7 +78,7 @@ import torch
 from engine.config import DTYPE_NAMES, PROJECTIONS
 from engine.errors import WontFit
 from engine.models import ModelArgs
-from kernels.cross_entropy import chunk_rows_for
+from kernels.cross_entropy import REF_CHUNK_BYTES, chunk_rows_for
 
 GIB = 1024**3
 USABLE = 0.92  # of the device's memory: the CUDA context and the allocator's fragmentation take the rest
@@ -135,12 +138,13 @@ def backward_working_bytes(args: ModelArgs, *, dtype: str = "bfloat16", tokens: 
 def loss_bytes(args: ModelArgs, *, dtype: str = "bfloat16", tokens: int, kernels: str = "triton") -> float:
     """Bytes held on top of the decoder layers' saved activations while the loss is computed: the
     final norm's saved input and output, and the loss's own (fused: d_hidden, row losses, one
-    logits chunk; torch: the fp32 logits and four more of their size in backward)."""
+    logits chunk; torch: a chunk of fp32 logits and its copies, see the module docstring)."""
     _check_kernels(kernels)
     b, h, v = _bytes(dtype), args.hidden_size, args.vocab_size
     final_norm = tokens * (2 * b * h + 4)
     if kernels == "reference":
-        return final_norm + 5 * 4 * tokens * v
+        rows = min(tokens, max(1, REF_CHUNK_BYTES // (4 * v)))
+        return final_norm + rows * v * (5 * 4 if dtype == "float32" else 6 * b)
     rows = chunk_rows_for(tokens, v, getattr(torch, dtype)) if tokens else 0
     return final_norm + tokens * (b * h + 4) + rows * v * b
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from evals import run_cli
 from evals import truthfulqa
@@ -50,8 +51,14 @@ def test_sharded_weights_equal_single_process(tmp_path):
     adapter = make_adapter(ckpt, tmp_path / "adapter")
     tqa = ["--model", str(ckpt), "--adapter", str(adapter), "--template", "seed-oss", "--limit", "7",
            "--batch-size", "3", "--dtype", "float32"]
-    assert run_cli(truthfulqa.main, tqa + ["--out", str(tmp_path / "one")]) == 0
-    one = json.loads(json.dumps(results(str(ckpt), str(adapter))))
+    # One intra-op thread, as each rank below: fp32 sums split over threads round differently.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(truthfulqa.main, tqa + ["--out", str(tmp_path / "one")]) == 0
+        one = json.loads(json.dumps(results(str(ckpt), str(adapter))))
+    finally:
+        torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
