@@ -101,6 +101,16 @@ def _check_kernels(kernels: str) -> None:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
 
 
+def parameter_counts(args: ModelArgs) -> tuple[int, int]:
+    """(parameters of one decoder layer, parameters of the model): the projections, the layer's two
+    norms and q/k/v biases; the embedding (and an untied LM head) and the final norm."""
+    h = args.hidden_size
+    shapes = _shapes(args)
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h + q + 2 * kv
+    return per_layer, args.num_hidden_layers * per_layer + args.vocab_size * h * (1 if args.tie_word_embeddings else 2) + h
+
+
 def layer_activation_bytes(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32,
                            lora_targets=PROJECTIONS, kernels: str = "triton") -> tuple[float, float]:
     """(bytes per token, bytes per layer regardless of tokens) that one decoder layer run without
@@ -160,9 +170,7 @@ def estimate(args: ModelArgs, *, dtype: str = "bfloat16", lora_r: int = 32, lora
     b = _bytes(dtype)
     h, L, V = args.hidden_size, args.num_hidden_layers, args.vocab_size
     shapes = _shapes(args)
-    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
-    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h + q + 2 * kv
-    n_params = L * per_layer + V * h * (1 if args.tie_word_embeddings else 2) + h
+    per_layer, n_params = parameter_counts(args)
     layer_lora = sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes)
     lora_params = L * layer_lora
     k = (L if checkpointed_layers is None else max(0, min(L, checkpointed_layers))) if activation_checkpointing else 0
@@ -214,10 +222,8 @@ def eval_estimate(args: ModelArgs, *, dtype: str = "bfloat16", world_size: int =
     activations: one layer's activations at a time, the KV cache and the last positions' logits."""
     b = _bytes(dtype)
     h, L, V = args.hidden_size, args.num_hidden_layers, args.vocab_size
-    shapes = _shapes(args)
-    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
-    per_layer = sum(i * o for i, o in shapes.values()) + 2 * h + q + 2 * kv
-    n_params = L * per_layer + V * h * (1 if args.tie_word_embeddings else 2) + h
+    kv = _shapes(args)["k_proj"][1]
+    per_layer, n_params = parameter_counts(args)
     ranks = world_size if sharded else 1
     tokens = batch_size * context_tokens
     layer_token, _ = layer_activation_bytes(args, dtype=dtype, lora_r=0, lora_targets=())
