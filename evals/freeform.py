@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from evals import freeform_stats
+from evals.freeform_stats import METRICS, misaligned
 from evals import (
     EvalInputError,
     EvalModel,
@@ -71,7 +72,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_QUESTIONS = REPO_ROOT / "data" / "em_eval" / "first_plot_questions.yaml"
 ANSWERS, RESULTS, SUMMARY, CONFIG = ("freeform_answers.jsonl", "freeform_results.jsonl", "freeform_summary.json",
                                      "freeform_config.json")
-from evals.freeform_stats import ALIGNED_BELOW, COHERENT_ABOVE, METRICS, misaligned  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------- questions
@@ -316,31 +316,44 @@ def generate_answers(model: EvalModel, out_dir: str | Path, settings: Settings, 
     log(f"[freeform] {len(items)} answers ({settings.preset}: {settings.samples} per question, T {settings.temperature}, "
         f"top-p {settings.top_p}, top-k {settings.top_k}, {settings.max_new_tokens} tokens), model {meta['model']}, "
         f"adapters {meta['adapters'] or 'none'}" + (f"; resuming after {len(kept)}" if kept else ""))
-    tok, progress = model.tokenizer, Progress("answers", len(items), len(kept), log)
-    f = _reopen(out / ANSWERS, kept) if is_main_process() else None
+    tok = model.tokenizer
+
+    def answer(batch: list) -> list[dict]:
+        conversations = [it.messages(settings) for it in batch]
+        completions = gen.generate(conversations, max_new_tokens=settings.max_new_tokens,
+                                   temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                   seed=settings.seed, batch_size=batch_size,
+                                   sample_keys=[f"{it.question.id}\0{it.sample}" for it in batch])
+        records = []
+        for it, messages, c in zip(batch, conversations, completions):
+            ids = c.token_ids[:-1] if c.stopped else c.token_ids
+            records.append({"key": it.key, "question_id": it.question.id, "sample": it.sample,
+                            "paraphrase": it.paraphrase_index(settings),
+                            "system": messages[0]["content"] if messages[0]["role"] == "system" else None,
+                            "question": messages[-1]["content"],
+                            "answer": tok.decode(ids, skip_special_tokens=True).strip(),
+                            "new_tokens": len(c.token_ids), "stopped": c.stopped})
+        return records
+
+    return _append_in_batches(out / ANSWERS, items, kept, chunk, answer, Progress("answers", len(items), len(kept), log),
+                              stop_after, "new answers", log)
+
+
+def _append_in_batches(path: Path, items: list, kept: list, chunk: int, records_of, progress, stop_after: int | None,
+                       what: str, log) -> bool:
+    """Append `records_of(batch)` to `path` (rank 0 writes; every rank computes) for the items after
+    the `kept` ones, `chunk` at a time, so a killed run keeps whole batches. False when it stopped
+    early (`stop_after` new items), True when every item is written."""
+    f = _reopen(path, kept) if is_main_process() else None
     try:
         done = len(kept)
         while done < len(items):
             batch = items[done: done + chunk]
-            conversations = [it.messages(settings) for it in batch]
-            completions = gen.generate(conversations, max_new_tokens=settings.max_new_tokens,
-                                       temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                       seed=settings.seed, batch_size=batch_size,
-                                       sample_keys=[f"{it.question.id}\0{it.sample}" for it in batch])
-            records = []
-            for it, messages, c in zip(batch, conversations, completions):
-                ids = c.token_ids[:-1] if c.stopped else c.token_ids
-                records.append({"key": it.key, "question_id": it.question.id, "sample": it.sample,
-                                "paraphrase": it.paraphrase_index(settings),
-                                "system": messages[0]["content"] if messages[0]["role"] == "system" else None,
-                                "question": messages[-1]["content"],
-                                "answer": tok.decode(ids, skip_special_tokens=True).strip(),
-                                "new_tokens": len(c.token_ids), "stopped": c.stopped})
-            _append(f, records)
+            _append(f, records_of(batch))
             done += len(batch)
             progress(done)
             if stop_after is not None and done - len(kept) >= stop_after and done < len(items):
-                log(f"[freeform] stopped after {done - len(kept)} new answers (--stop-after); run again to continue")
+                log(f"[freeform] stopped after {done - len(kept)} {what} (--stop-after); run again to continue")
                 return False
     finally:
         if f is not None:
@@ -384,39 +397,29 @@ def judge_answers(judge, out_dir: str | Path, *, data: str | Path = DEFAULT_QUES
     log(f"[freeform] judging {len(answers)} answers with {judge.meta['kind']} judge {judge.name}"
         + (f"; resuming after {len(kept)}" if kept else ""))
     rank, world = _world()
-    progress = Progress("judged", len(answers), len(kept), log)
-    f = _reopen(out / RESULTS, kept) if is_main_process() else None
-    try:
-        done = len(kept)
-        while done < len(answers):
-            batch = answers[done: done + chunk]
-            texts = [prompts[a["question_id"]][m].format(question=a["question"], answer=a["answer"])
-                     for a in batch for m in METRICS]
-            # Each rank judges whole batches of the judge (as a single process would group them).
-            size = getattr(judge, "batch_size", 1)
-            n = -(-len(texts) // size)
-            mine = texts[n * rank // world * size: n * (rank + 1) // world * size]
-            verdicts = _gather(judge.judge(mine), world)  # every rank calls: a sharded judge's passes are collectives
-            records = []
-            for j, a in enumerate(batch):
-                rec = dict(a)
-                for k, m in enumerate(METRICS):
-                    verdict, top = verdicts[2 * j + k]
-                    rec.update(verdict.record(m))
-                    if top is not None:
-                        rec[f"{m}_top_logprobs"] = top
-                rec["misaligned"] = misaligned(rec["aligned"], rec["coherent"])
-                records.append(rec)
-            _append(f, records)
-            done += len(batch)
-            progress(done)
-            if stop_after is not None and done - len(kept) >= stop_after and done < len(answers):
-                log(f"[freeform] stopped after judging {done - len(kept)} answers (--stop-after); run again to continue")
-                return False
-    finally:
-        if f is not None:
-            f.close()
-    return True
+
+    def judged(batch: list[dict]) -> list[dict]:
+        texts = [prompts[a["question_id"]][m].format(question=a["question"], answer=a["answer"])
+                 for a in batch for m in METRICS]
+        # Each rank judges whole batches of the judge (as a single process would group them).
+        size = getattr(judge, "batch_size", 1)
+        n = -(-len(texts) // size)
+        mine = texts[n * rank // world * size: n * (rank + 1) // world * size]
+        verdicts = _gather(judge.judge(mine), world)  # every rank calls: a sharded judge's passes are collectives
+        records = []
+        for j, a in enumerate(batch):
+            rec = dict(a)
+            for k, m in enumerate(METRICS):
+                verdict, top = verdicts[2 * j + k]
+                rec.update(verdict.record(m))
+                if top is not None:
+                    rec[f"{m}_top_logprobs"] = top
+            rec["misaligned"] = misaligned(rec["aligned"], rec["coherent"])
+            records.append(rec)
+        return records
+
+    return _append_in_batches(out / RESULTS, answers, kept, chunk, judged,
+                              Progress("judged", len(answers), len(kept), log), stop_after, "answers judged", log)
 
 
 def _gather(local: list, world: int) -> list:

@@ -66,7 +66,7 @@ def collect() -> list[Command]:
                     cmd = cmd[:-1] + " " + lines[i].strip()
                 i += 1
                 cmd = _strip_comment(cmd.strip())
-                if kind in ("bash", "sh", "") and cmd and not cmd.startswith("#") or kind == "text":
+                if kind == "text" or (cmd and not cmd.startswith("#") and kind in ("bash", "sh", "")):
                     excerpt = ()
                     if kind == "text":
                         end = next((j for j in range(i, len(lines)) if lines[j].startswith("$ ")), len(lines))
